@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # Centring a filter removes about 1/pi of the variance a ReLU network passes on; the reference
 # initialisations multiply std (and the residual scalars) by 1/sqrt(1 - 1/pi) ~= 1.2 to compensate.
@@ -122,11 +124,62 @@ def residual_scale_init(block_index: int, convs_in_branch: int) -> float:
     return CENTRING_GAIN**convs_in_branch / block_index
 
 
+class _ScaledConv2dFunction(torch.autograd.Function):
+    """`conv2d(x, scale * weight, scale * bias)` that saves only x and the parameters for backward.
+
+    Autograd of the plain expression would save the non-parameter product `scale * weight`;
+    here backward recomputes it (parameter-sized, cheap) and calls the conv backward once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, stride, padding, dilation, groups):  # type: ignore
+        ctx.save_for_backward(x, weight, bias, scale)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        scaled_weight, scaled_bias = _scale_conv_params(weight, bias, scale, x.dtype)
+        return F.conv2d(x, scaled_weight, scaled_bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, bias, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need_x, need_weight, need_bias, need_scale = ctx.needs_input_grad[:4]
+        has_bias = bias is not None
+        scaled_weight, _ = _scale_conv_params(weight, None, scale, x.dtype)
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, scaled_weight, [bias.shape[0]] if has_bias else None,
+            stride, padding, dilation, False, [0, 0], groups,
+            [need_x, need_weight or need_scale, has_bias and (need_bias or need_scale)],
+        )
+        # d(loss)/d(scale) = <dL/dW', W> + <dL/db', b>; the scaled gradients are then rescaled in place.
+        grad_weight = grad_bias = grad_scale = None
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+            if need_scale:
+                grad_scale = torch.dot(grad_w.reshape(-1), weight.reshape(-1))
+            grad_weight = grad_w.mul_(scale) if need_weight else None
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+            if need_scale:
+                grad_scale = grad_scale + torch.dot(grad_b, bias)
+            grad_bias = grad_b.mul_(scale) if need_bias else None
+        return grad_x, grad_weight, grad_bias, grad_scale, None, None, None, None
+
+
+def _scale_conv_params(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`scale * weight` and `scale * bias` computed in the parameters' dtype, then cast to `dtype`."""
+    scaled_bias = None if bias is None else (bias * scale).to(dtype)
+    return (weight * scale).to(dtype), scaled_bias
+
+
 class ScaledConv2d(nn.Conv2d):
     """Conv2d followed by a learnable scalar, folded into the conv: `scale * conv(x)`.
 
-    Scaling the (parameter-sized) weight and bias instead of the output gives the same result and
-    gradients, but autograd saves no copy of the output for the scalar's gradient.
+    The scalar multiplies the (parameter-sized) weight and bias instead of the output, and a custom
+    backward recomputes the scaled weight, so autograd saves exactly what a plain conv saves: its
+    input. Under autocast the input is cast like a native conv's and the cast input is saved.
     """
 
     def __init__(self, *args, scale_init: float = 1.0, **kwargs) -> None:
@@ -134,8 +187,15 @@ class ScaledConv2d(nn.Conv2d):
         self.scale = nn.Parameter(torch.tensor(float(scale_init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias * self.scale
-        return self._conv_forward(x, self.weight * self.scale, bias)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=mode), (0, 0)
+        if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _ScaledConv2dFunction.apply(
+            x, self.weight, self.bias, self.scale, self.stride, padding, self.dilation, self.groups
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", scaled=True"
