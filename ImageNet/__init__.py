@@ -1,0 +1,1 @@
+"""ImageNet entry point: data (LMDB or ImageFolder), the converter and the training recipe."""
