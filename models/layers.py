@@ -29,3 +29,30 @@ def last_bn(norm: str, num_classes: int) -> LastBN | None:
 def normal_(weight: nn.Parameter, variance_numerator: float, fan: int) -> None:
     """Fill `weight` from N(0, variance_numerator / fan), the reference code's init family."""
     nn.init.normal_(weight, 0.0, math.sqrt(variance_numerator / fan))
+
+
+def mimic_init_(model: nn.Module, conv_numerator: float, min_channels_per_group: int = 1) -> None:
+    """Convs N(0, numerator / (kh*kw*max(min, in/groups))), Linears N(0, 2/in), biases 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            channels = max(min_channels_per_group, module.in_channels // module.groups)
+            normal_(module.weight, conv_numerator, kh * kw * channels)
+        elif isinstance(module, nn.Linear):
+            normal_(module.weight, 2.0, module.in_features)
+        else:
+            continue
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def plain_init_(model: nn.Module) -> None:
+    """torchvision's BN-network init: convs kaiming normal (fan_out), BN 1 and 0, conv biases 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

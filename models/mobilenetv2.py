@@ -1,1 +1,146 @@
-"""Placeholder: being written."""
+"""MobileNetV2 for CIFAR (pytorch-cifar100 layout), plain / `_cbn` / `_nobn`.
+
+Sandler, Howard, Zhu, Zhmoginov, Chen, "MobileNetV2: Inverted Residuals and Linear Bottlenecks",
+CVPR 2018 (arXiv 1801.04381).
+
+MimicNorm twins (our extension; the reference code has a draft it never tested): BatchNorm removed,
+ReLU6 becomes ReLU, a conv has a bias only where weight mean centres it (fan-in per group > 50),
+convs N(0, 2 / (k*k*max(2, in/groups))). Each bottleneck's output is scaled by a learnable scalar
+folded into its last conv: 1.2**2 / l for the l-th identity-shortcut block (l counted from 1 over
+the network), 1.2**2 for blocks without a shortcut.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import register_model
+from .layers import batchnorm2d, check_norm, last_bn, mimic_init_, plain_init_
+from .mimicnorm import CIFAR_RULE, ScaledConv2d, residual_scale_init
+
+CONV_VARIANCE = 2.0
+MIN_CHANNELS_PER_GROUP = 2
+# (expansion t, output channels, blocks, stride of the first block) of stages 1..7.
+STAGES = (
+    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1),
+    (6, 320, 1, 1),
+)
+
+
+def make_conv(
+    norm: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    scale: float | None = None,
+) -> nn.Conv2d:
+    """Conv; biased in the plain twin (pytorch-cifar100), else only where weight mean centres it."""
+    fan_in = in_channels // groups * kernel_size * kernel_size
+    bias = norm == "bn" or fan_in > CIFAR_RULE.min_fan_in
+    args = (in_channels, out_channels, kernel_size, stride, padding)
+    if scale is None or norm == "bn":
+        return nn.Conv2d(*args, groups=groups, bias=bias)
+    return ScaledConv2d(*args, groups=groups, bias=bias, scale_init=scale)
+
+
+def activation(norm: str) -> nn.Module:
+    """ReLU6 in the plain twin, ReLU in the BN-free variants."""
+    return nn.ReLU6(inplace=True) if norm == "bn" else nn.ReLU(inplace=True)
+
+
+class LinearBottleneck(nn.Module):
+    """Inverted residual: 1x1 expand, 3x3 depthwise, linear 1x1 projection, identity shortcut.
+
+    The shortcut exists when stride is 1 and the width is kept. `identity_index` is the block's
+    position l among the network's identity-shortcut blocks (from 1); it sets the MimicNorm output
+    scalar 1.2**2 / l and must be given exactly for those blocks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        expansion: int,
+        norm: str,
+        identity_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_norm(norm)
+        self.identity = stride == 1 and in_channels == out_channels
+        if self.identity != (identity_index is not None):
+            raise ValueError("identity_index must be given exactly for identity-shortcut blocks")
+        hidden = in_channels * expansion
+        scale = residual_scale_init(identity_index or 1, 2)
+        self.residual = nn.Sequential(
+            make_conv(norm, in_channels, hidden, 1),
+            *batchnorm2d(norm, hidden),
+            activation(norm),
+            make_conv(norm, hidden, hidden, 3, stride=stride, padding=1, groups=hidden),
+            *batchnorm2d(norm, hidden),
+            activation(norm),
+            make_conv(norm, hidden, out_channels, 1, scale=scale),
+            *batchnorm2d(norm, out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.residual(x)
+        if self.identity:
+            out += x
+        return out
+
+
+class MobileNetV2(nn.Module):
+    """CIFAR MobileNetV2 (1x1 stem, seven bottleneck stages, 1x1 conv classifier) for any `norm`."""
+
+    def __init__(self, norm: str = "bn", num_classes: int = 100) -> None:
+        super().__init__()
+        check_norm(norm)
+        # pytorch-cifar100's stem: a 1x1 conv with padding 1 (32x32 -> 34x34).
+        self.pre = nn.Sequential(
+            make_conv(norm, 3, 32, 1, padding=1), *batchnorm2d(norm, 32), activation(norm)
+        )
+        identity_blocks = 0
+        in_channels = 32
+        for stage, (expansion, out_channels, blocks, stride) in enumerate(STAGES, start=1):
+            layers = []
+            for block in range(blocks):
+                block_stride = stride if block == 0 else 1
+                index = None
+                if block_stride == 1 and in_channels == out_channels:
+                    identity_blocks += 1
+                    index = identity_blocks
+                block_args = (in_channels, out_channels, block_stride, expansion, norm, index)
+                layers.append(LinearBottleneck(*block_args))
+                in_channels = out_channels
+            # a one-block stage is the block itself, keeping pytorch-cifar100's state-dict names
+            self.add_module(f"stage{stage}", layers[0] if blocks == 1 else nn.Sequential(*layers))
+        self.conv1 = nn.Sequential(
+            make_conv(norm, 320, 1280, 1), *batchnorm2d(norm, 1280), activation(norm)
+        )
+        self.conv2 = make_conv(norm, 1280, num_classes, 1)
+        self.last_bn = last_bn(norm, num_classes)
+        if norm == "bn":
+            plain_init_(self)
+        else:
+            mimic_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage4(self.stage3(self.stage2(self.stage1(self.pre(x)))))
+        x = self.stage7(self.stage6(self.stage5(x)))
+        x = F.adaptive_avg_pool2d(self.conv1(x), 1)
+        logits = torch.flatten(self.conv2(x), 1)
+        if self.last_bn is not None:
+            logits = self.last_bn(logits)
+        return logits
+
+
+@register_model("cifar", "mobilenetv2")
+def mobilenetv2(norm: str, num_classes: int) -> MobileNetV2:
+    """CIFAR MobileNetV2 (pytorch-cifar100)."""
+    return MobileNetV2(norm, num_classes)

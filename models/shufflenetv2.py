@@ -1,1 +1,173 @@
-"""Placeholder: being written."""
+"""ShuffleNetV2 for CIFAR (pytorch-cifar100) and ImageNet (torchvision): plain, `_cbn`, `_nobn`.
+
+Ma, Zhang, Zheng, Sun, "ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design",
+ECCV 2018 (arXiv 1807.11164).
+
+MimicNorm twins (reference code): BatchNorm removed, every conv has a bias, convs
+N(0, 2 / (k*k*max(4, in/groups))). Learnable scalars, folded into the conv they follow (before its
+ReLU): 1.2**2 on the last 1x1 conv of the main branch, 1.2 on the 1x1 conv of the downsampling
+branch and on conv5. CIFAR units also scale and shift their main branch's output by a learnable
+scalar gain (init 1) and bias (init 0).
+
+The two layouts differ only in: the stem (CIFAR: stride-1 conv + BN, no ReLU, no max-pool), the
+width of a downsampling unit's main branch (CIFAR: the input width; ImageNet: half the output
+width), the plain twin's conv biases (CIFAR: kept as in pytorch-cifar100; ImageNet: none) and the
+unit gain/bias.
+The ImageNet plain twin has torchvision's module names, so torchvision checkpoints load into it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._registry import register_model
+from .layers import batchnorm2d, check_norm, last_bn, mimic_init_, plain_init_
+from .mimicnorm import CENTRING_GAIN, ScaledConv2d
+
+CONV_VARIANCE = 2.0
+MIN_CHANNELS_PER_GROUP = 4
+STAGE_REPEATS = (4, 8, 4)
+CIFAR_CHANNELS = (24, 116, 232, 464, 1024)
+IMAGENET_CHANNELS = {"x0_5": (24, 48, 96, 192, 1024), "x1_0": (24, 116, 232, 464, 1024)}
+
+
+def conv_unit(
+    norm: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    bias: bool,
+    stride: int = 1,
+    groups: int = 1,
+    relu: bool = False,
+    scale: float | None = None,
+) -> list[nn.Module]:
+    """Conv (`ScaledConv2d` given a MimicNorm `scale`), BN in the plain twin, optional ReLU."""
+    conv_args = (in_channels, out_channels, kernel_size, stride, kernel_size // 2)
+    if scale is None or norm == "bn":
+        conv: nn.Conv2d = nn.Conv2d(*conv_args, groups=groups, bias=bias)
+    else:
+        conv = ScaledConv2d(*conv_args, groups=groups, bias=bias, scale_init=scale)
+    return [conv, *batchnorm2d(norm, out_channels), *([nn.ReLU(inplace=True)] if relu else [])]
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2 unit: split (or, downsampling, copy) the input, run the branches, interleave."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, norm: str, cifar: bool
+    ) -> None:
+        super().__init__()
+        check_norm(norm)
+        branch = out_channels // 2
+        bias = cifar or norm != "bn"
+        if stride == 1:
+            if in_channels != out_channels:
+                raise ValueError(f"stride-1 units keep their width: {in_channels}->{out_channels}")
+            self.branch1 = None
+            main_in = mid = branch
+        else:
+            self.branch1 = nn.Sequential(
+                *conv_unit(
+                    norm, in_channels, in_channels, 3, bias=bias, stride=stride, groups=in_channels
+                ),
+                *conv_unit(norm, in_channels, branch, 1, bias=bias, relu=True, scale=CENTRING_GAIN),
+            )
+            main_in, mid = in_channels, (in_channels if cifar else branch)
+        self.branch2 = nn.Sequential(
+            *conv_unit(norm, main_in, mid, 1, bias=bias, relu=True),
+            *conv_unit(norm, mid, mid, 3, bias=bias, stride=stride, groups=mid),
+            *conv_unit(norm, mid, branch, 1, bias=bias, relu=True, scale=CENTRING_GAIN**2),
+        )
+        has_affine = cifar and norm != "bn"
+        self.gain = nn.Parameter(torch.tensor(1.0)) if has_affine else None
+        self.bias = nn.Parameter(torch.tensor(0.0)) if has_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch1 is None:
+            shortcut, x = x.chunk(2, dim=1)
+        else:
+            shortcut = self.branch1(x)
+        main = self.branch2(x)
+        if self.gain is not None:
+            # mul saves the ReLU output the ReLU already saved (same storage), add_ saves nothing.
+            main = main.mul(self.gain).add_(self.bias)
+        # cat + channel shuffle with 2 groups in one copy: channels interleave shortcut, main.
+        return torch.stack((shortcut, main), dim=2).flatten(1, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """ShuffleNetV2 with `channels` = (stem, stage2, stage3, stage4, conv5) widths, any `norm`."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        norm: str = "bn",
+        num_classes: int = 1000,
+        cifar: bool = False,
+        stage_repeats: Sequence[int] = STAGE_REPEATS,
+    ) -> None:
+        super().__init__()
+        check_norm(norm)
+        if len(channels) != 5 or len(stage_repeats) != 3:
+            raise ValueError("expected 5 channel widths and 3 stage repeats")
+        bias = cifar or norm != "bn"
+        if cifar:
+            self.conv1 = nn.Sequential(*conv_unit(norm, 3, channels[0], 3, bias=bias))
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Sequential(
+                *conv_unit(norm, 3, channels[0], 3, bias=bias, stride=2, relu=True)
+            )
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stage2 = self.make_stage(channels[0], channels[1], stage_repeats[0], norm, cifar)
+        self.stage3 = self.make_stage(channels[1], channels[2], stage_repeats[1], norm, cifar)
+        self.stage4 = self.make_stage(channels[2], channels[3], stage_repeats[2], norm, cifar)
+        self.conv5 = nn.Sequential(
+            *conv_unit(norm, channels[3], channels[4], 1, bias=bias, relu=True, scale=CENTRING_GAIN)
+        )
+        self.fc = nn.Linear(channels[4], num_classes)
+        self.last_bn = last_bn(norm, num_classes)
+        if norm == "bn":
+            plain_init_(self)
+        else:
+            mimic_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
+
+    @staticmethod
+    def make_stage(
+        in_channels: int, out_channels: int, units: int, norm: str, cifar: bool
+    ) -> nn.Sequential:
+        """One downsampling unit followed by `units - 1` stride-1 units."""
+        return nn.Sequential(
+            ShuffleUnit(in_channels, out_channels, 2, norm, cifar),
+            *(ShuffleUnit(out_channels, out_channels, 1, norm, cifar) for _ in range(units - 1)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.conv1(x))
+        x = self.conv5(self.stage4(self.stage3(self.stage2(x))))
+        logits = self.fc(x.mean((2, 3)))
+        if self.last_bn is not None:
+            logits = self.last_bn(logits)
+        return logits
+
+
+@register_model("cifar", "shufflenetv2")
+def shufflenetv2(norm: str, num_classes: int) -> ShuffleNetV2:
+    """CIFAR ShuffleNetV2 1.0x (pytorch-cifar100)."""
+    return ShuffleNetV2(CIFAR_CHANNELS, norm, num_classes, cifar=True)
+
+
+@register_model("imagenet", "shufflenetv2_x0_5")
+def shufflenetv2_x0_5(norm: str, num_classes: int) -> ShuffleNetV2:
+    """ImageNet ShuffleNetV2 0.5x (torchvision `shufflenet_v2_x0_5`)."""
+    return ShuffleNetV2(IMAGENET_CHANNELS["x0_5"], norm, num_classes)
+
+
+@register_model("imagenet", "shufflenetv2_x1_0")
+def shufflenetv2_x1_0(norm: str, num_classes: int) -> ShuffleNetV2:
+    """ImageNet ShuffleNetV2 1.0x (torchvision `shufflenet_v2_x1_0`)."""
+    return ShuffleNetV2(IMAGENET_CHANNELS["x1_0"], norm, num_classes)
