@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import lmdb
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -45,6 +46,8 @@ class LMDBImageFolder(Dataset):
         self.targets = index.labels
         self.transform = transform
         self.target_transform = target_transform
+        self._env: lmdb.Environment | None = None  # shared_env(path), cached for this process
+        self._env_pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -53,7 +56,9 @@ class LMDBImageFolder(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
         i %= len(self)
-        with shared_env(self.path).begin() as txn:
+        if self._env_pid != os.getpid():
+            self._env, self._env_pid = shared_env(self.path), os.getpid()
+        with self._env.begin() as txn:
             data = txn.get(record_key(i))
         if data is None:
             raise LMDBFormatError(f"{self.path}: record {i} is missing (corrupt database)")
@@ -64,6 +69,9 @@ class LMDBImageFolder(Dataset):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_env": None, "_env_pid": None}
 
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -109,13 +117,13 @@ def image_folder(root: Path, transform: Callable[[Image.Image], Any] | None = No
         raise FileNotFoundError(f"{root}: {exc}") from exc
 
 
+def default_val_resize(image_size: int) -> int:
+    """The eval resize that keeps the recipe's 256/224 ratio: 256 for 224, 37 for 32."""
+    return round(image_size * 256 / 224)
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--data-dir``, ``--data-format``, ``--image-size`` and ``--val-resize``."""
-    parser.add_argument(
-        "--data-dir", type=Path, required=True,
-        help="holds train.lmdb and val.lmdb, or train/ and val/ with --data-format folder",
-    )
-    parser.add_argument("--data-format", choices=DATA_FORMATS, default="lmdb")
+    """Add the ImageNet-only flags ``--image-size`` and ``--val-resize``."""
     parser.add_argument("--image-size", type=int, default=224, help="training and eval crop size")
     parser.add_argument(
         "--val-resize", type=int, default=None,
@@ -123,24 +131,41 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
-    """Train and val datasets with the recipe's transforms, and the number of classes."""
-    data_dir = Path(args.data_dir)
+def load_split(
+    data_dir: Path,
+    data_format: str,
+    train: bool,
+    image_size: int = 224,
+    val_resize: int | None = None,
+) -> LMDBImageFolder | ImageFolder:
+    """``train.lmdb`` / ``val.lmdb`` (or ``train/`` / ``val/`` trees) under ``data_dir``, with the
+    recipe's training or eval transform."""
+    data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data-dir {data_dir}: no such folder")
-    val_resize = args.val_resize or round(args.image_size * 256 / 224)
-    train_tf, val_tf = train_transform(args.image_size), val_transform(args.image_size, val_resize)
-    if args.data_format == "lmdb":
-        train = LMDBImageFolder(data_dir / "train.lmdb", train_tf)
-        val = LMDBImageFolder(data_dir / "val.lmdb", val_tf)
-    elif args.data_format == "folder":
-        train = image_folder(data_dir / "train", train_tf)
-        val = image_folder(data_dir / "val", val_tf)
+    if train:
+        transform = train_transform(image_size)
     else:
-        raise ValueError(f"--data-format {args.data_format!r}: expected one of {DATA_FORMATS}")
+        transform = val_transform(image_size, val_resize or default_val_resize(image_size))
+    split = "train" if train else "val"
+    if data_format == "lmdb":
+        return LMDBImageFolder(data_dir / f"{split}.lmdb", transform)
+    if data_format == "folder":
+        return image_folder(data_dir / split, transform)
+    raise ValueError(f"data format {data_format!r}: expected one of {DATA_FORMATS}")
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
+    """Train and val splits from ``args.data_dir``, ``data_format``, ``image_size`` and
+    ``val_resize``, and the number of classes."""
+    splits = [
+        load_split(args.data_dir, args.data_format, train, args.image_size, args.val_resize)
+        for train in (True, False)
+    ]
+    train, val = splits
     if train.classes != val.classes:
         raise ValueError(
-            f"{data_dir}: train has {len(train.classes)} classes and val {len(val.classes)}, "
-            "or the names differ; both must list the same classes"
+            f"{args.data_dir}: train has {len(train.classes)} classes and val "
+            f"{len(val.classes)}, or their names differ; both must list the same classes"
         )
     return train, val, len(train.classes)

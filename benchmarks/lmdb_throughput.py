@@ -1,7 +1,8 @@
 """Read throughput of the ImageNet LMDB against ImageFolder on the same images.
 
 Images per second through a shuffled DataLoader, JPEG decode and the eval transform (resize,
-centre crop, to tensor, normalise) included, for each format in turn:
+centre crop, to tensor, normalise) included, for each format in turn, and the CPU time per image
+of one process reading without workers (a figure that other jobs on the machine barely move):
 
     python benchmarks/lmdb_throughput.py                            # generated 500x375 JPEGs
     python benchmarks/lmdb_throughput.py --src /tmp/cifar10-jpeg/train --image-size 32
@@ -22,10 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from ImageNet.data_loader import LMDBImageFolder, image_folder, val_transform
+from ImageNet.data_loader import (
+    LMDBImageFolder,
+    default_val_resize,
+    image_folder,
+    val_transform,
+)
 from ImageNet.folder2lmdb import convert
 
 
@@ -54,6 +61,14 @@ def one_pass(loader: DataLoader) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def cpu_ms_per_image(dataset: Dataset, indices: list[int]) -> float:
+    """CPU time per item in this process (no workers): unlike wall time, robust to other load."""
+    start = time.process_time()
+    for i in indices:
+        dataset[i]
+    return 1000 * (time.process_time() - start) / len(indices)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, help="ImageFolder to read (default: generate JPEGs)")
@@ -66,7 +81,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--passes", type=int, default=3, help="the first warms caches and workers")
+    parser.add_argument(
+        "--cpu-sample", type=int, default=1000, help="images read in-process to time CPU cost"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as in DataLoader workers, for the in-process CPU time
 
     with tempfile.TemporaryDirectory() as tmp:
         generated = Path(tmp) / "images"
@@ -74,7 +93,7 @@ def main() -> None:
         start = time.perf_counter()
         index = convert(src, Path(tmp) / "images.lmdb", progress=False)
         convert_rate = len(index) / (time.perf_counter() - start)
-        transform = val_transform(args.image_size, round(args.image_size * 256 / 224))
+        transform = val_transform(args.image_size, default_val_resize(args.image_size))
         datasets = {
             "lmdb": LMDBImageFolder(Path(tmp) / "images.lmdb", transform),
             "folder": image_folder(Path(src), transform),
@@ -102,7 +121,8 @@ def main() -> None:
         for name, history in rates.items():
             steady = statistics.median(history[1:] or history)
             passes = ", ".join(f"{rate:.1f}" for rate in history)
-            print(f"{name:>6}: {steady:8.1f} images/s (passes: {passes})")
+            cpu = cpu_ms_per_image(datasets[name], subset[: args.cpu_sample])
+            print(f"{name:>6}: {steady:8.1f} images/s (passes: {passes}); {cpu:.3f} CPU ms/image")
 
 if __name__ == "__main__":
     main()

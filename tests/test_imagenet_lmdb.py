@@ -22,7 +22,12 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms.functional import pil_to_tensor
 
 from ImageNet import folder2lmdb
-from ImageNet.data_loader import LMDBImageFolder, add_data_arguments, build_datasets
+from ImageNet.data_loader import (
+    LMDBImageFolder,
+    add_data_arguments,
+    build_datasets,
+    default_val_resize,
+)
 from ImageNet.lmdb_format import LMDBFormatError, load_index, shared_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,9 +61,9 @@ def pixel_key(image: Image.Image | torch.Tensor) -> str:
 def data_args(data_dir: Path, data_format: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_data_arguments(parser)
-    return parser.parse_args(
-        ["--data-dir", str(data_dir), "--data-format", data_format, "--image-size", "24"]
-    )
+    args = parser.parse_args(["--image-size", "24"])
+    args.data_dir, args.data_format = data_dir, data_format
+    return args
 
 
 def convert(src: Path, dst: Path, *extra: str) -> int:
@@ -196,6 +201,7 @@ def test_build_datasets(tree: Path, db: Path, tmp_path: Path, data_format: str) 
     assert list(train.targets) == ImageFolder(str(tree)).targets
     (x, y), (v, _) = train[0], val[0]
     assert x.shape == v.shape == (3, 24, 24) and x.dtype == torch.float32 and y == 0
+    assert default_val_resize(224) == 256 and default_val_resize(24) == 27
 
 
 def test_build_datasets_errors(tree: Path, db: Path, tmp_path: Path) -> None:
