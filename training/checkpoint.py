@@ -1,0 +1,111 @@
+"""Checkpoints: one dict format, written atomically, validated on load, kept as last.pt/best.pt."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+
+CHECKPOINT_FORMAT = "mimicnorm-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """`torch.save` to a temporary file, fsync it, then rename it over `path`.
+
+    A crash leaves either the old file or the new one, never a truncated checkpoint.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_with_copy(src: Path, dst: Path) -> None:
+    """Atomically make `dst` a copy of `src`: a hard link when possible (free), else a byte copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(dst.parent)
+
+
+def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any]) -> dict[str, Any]:
+    """Load a training checkpoint (`weights_only=True`, on the CPU) and check it against `expect`.
+
+    `expect` maps header keys ("arch", "num_classes", "dataset") to the values this run needs; any
+    problem, from a missing file to another architecture, raises UsageError with one line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files; all mean "unreadable"
+        raise UsageError(f"cannot read checkpoint {path}: {_load_failure(e)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is not a mimicnorm training checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise UsageError(f"checkpoint {path} has format version {ckpt.get('version')}, "
+                         f"this code reads version {CHECKPOINT_VERSION}")
+    for key, wanted in expect.items():
+        if ckpt.get(key) != wanted:
+            raise UsageError(f"checkpoint {path} was made with {key} {ckpt.get(key)}, "
+                             f"this run has {key} {wanted}")
+    return ckpt
+
+
+def _load_failure(error: Exception) -> str:
+    """One line on why `torch.load(weights_only=True)` failed (torch's own messages run long)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "not a weights-only torch file (damaged, or it pickles Python objects)"
+    if isinstance(error, EOFError):
+        return "the file is empty or truncated"
+    first_sentence = str(error).strip().split(". ")[0].splitlines()
+    return first_sentence[0] if first_sentence else type(error).__name__
+
+
+class CheckpointSaver:
+    """Checkpoint policy of a run: `last.pt` every epoch, `best.pt` when test top-1 improves."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.last_path = self.run_dir / "last.pt"
+        self.best_path = self.run_dir / "best.pt"
+
+    def save(self, state: dict[str, Any], is_best: bool) -> None:
+        """Write `state` as last.pt and, when `is_best`, as best.pt too."""
+        save_atomic(state, self.last_path)
+        if is_best:
+            _replace_with_copy(self.last_path, self.best_path)

@@ -1,0 +1,158 @@
+"""Devices and processes: CPU, one GPU, DataParallel over several, or torchrun's DDP (NCCL/gloo)."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process computes and its place among torchrun's processes."""
+
+    device: torch.device
+    device_ids: list[int] = field(default_factory=list)  # CUDA ids; several = DataParallel
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False  # launched by torchrun: DistributedDataParallel
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that logs and saves (rank 0)."""
+        return self.rank == 0
+
+
+def select_gpus(gpu: list[int] | None) -> list[int]:
+    """CUDA ids from `--gpu`: None = every visible GPU (none without CUDA), [-1] = CPU only.
+
+    Asking for a GPU id on a machine without CUDA, or for one that does not exist, is an error
+    rather than a silent fall-back to the CPU.
+    """
+    if gpu == [-1]:
+        return []
+    if gpu is None:
+        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    ids = " ".join(map(str, gpu))
+    if not torch.cuda.is_available():
+        raise UsageError(f"--gpu {ids}: CUDA is not available here; use --gpu -1 for the CPU")
+    count = torch.cuda.device_count()
+    if any(not 0 <= i < count for i in gpu) or len(set(gpu)) != len(gpu):
+        raise UsageError(f"--gpu {ids}: this machine has GPUs 0..{count - 1}, each usable once")
+    return list(gpu)
+
+
+def setup_runtime(gpu: list[int] | None) -> Runtime:
+    """Pick devices and, under torchrun, join the process group (NCCL on GPU, gloo on CPU)."""
+    ids = select_gpus(gpu)
+    if "RANK" not in os.environ:
+        return Runtime(torch.device("cuda", ids[0]) if ids else torch.device("cpu"), ids)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if ids:
+        if local_rank >= len(ids):
+            raise UsageError(f"process with LOCAL_RANK {local_rank} has no GPU: only "
+                             f"{len(ids)} selected ({ids}); lower --nproc_per_node")
+        ids = [ids[local_rank]]
+        torch.cuda.set_device(ids[0])
+    dist.init_process_group(backend="nccl" if ids else "gloo")
+    device = torch.device("cuda", ids[0]) if ids else torch.device("cpu")
+    return Runtime(device, ids, rank, world_size, distributed=True)
+
+
+def cleanup() -> None:
+    """Leave the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(net: nn.Module, rt: Runtime) -> nn.Module:
+    """DistributedDataParallel under torchrun, DataParallel over several GPUs, else `net` itself."""
+    if rt.distributed:
+        return nn.parallel.DistributedDataParallel(net, device_ids=rt.device_ids or None)
+    if len(rt.device_ids) > 1:
+        return nn.DataParallel(net, device_ids=rt.device_ids)
+    return net
+
+
+class SyncedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d on (N, C) inputs whose training statistics cover the whole global batch.
+
+    Statistics are all-reduced with differentiable collectives, so it works with gloo on the CPU
+    as well as NCCL (`nn.SyncBatchNorm` is GPU-only). Buffers and state_dict keys are those of
+    BatchNorm1d: checkpoints move freely between synced and per-process runs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        if x.dim() != 2:
+            raise ValueError(f"SyncedBatchNorm1d expects (N, C) input, got shape {tuple(x.shape)}")
+        sums = dist_nn.all_reduce(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]))
+        count, mean = sums[-1], sums[:-1] / sums[-1]
+        var = dist_nn.all_reduce(((x - mean) ** 2).sum(0)) / count
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), count.item())
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average, as in BatchNorm
+            factor = 1.0 / self.num_batches_tracked.item()
+        else:
+            factor = self.momentum
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(var * count / max(count - 1, 1), factor)
+
+
+def sync_last_bn_(net: nn.Module) -> nn.Module:
+    """Make the last BN of a MimicNorm model compute its batch statistics across processes."""
+    bn = net.last_bn.bn
+    synced = SyncedBatchNorm1d(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                               bn.track_running_stats)
+    synced.load_state_dict(bn.state_dict())
+    net.last_bn.bn = synced.to(bn.running_mean.device)
+    return net
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all processes in place (a no-op without a process group)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def broadcast_buffers(net: nn.Module) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every process."""
+    if dist.is_initialized():
+        for buffer in net.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every process, in rank order ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextmanager
+def main_process_first(rt: Runtime) -> Iterator[None]:
+    """Run the block on rank 0 first (e.g. a download), then on the other processes."""
+    if rt.distributed and not rt.is_main:
+        dist.barrier()
+    yield
+    if rt.distributed and rt.is_main:
+        dist.barrier()

@@ -1,0 +1,95 @@
+"""One training epoch and one evaluation, shared by every dataset and device set-up."""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from tqdm import tqdm
+
+from .distributed import all_reduce_sum
+
+
+def correct_topk(output: torch.Tensor, target: torch.Tensor, ks: Iterable[int]
+                 ) -> list[torch.Tensor]:
+    """For each k, how many rows of `output` rank `target` among their k highest logits."""
+    ks = list(ks)
+    top = output.topk(min(max(ks), output.shape[1]), dim=1).indices
+    hits = top.eq(target[:, None])
+    return [hits[:, :k].sum() for k in ks]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch_to(images: torch.Tensor, target: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=fmt)
+    return images, target.to(device, non_blocking=True)
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer,
+                    scheduler: LRScheduler, loader: Iterable, device: torch.device, *,
+                    steps: int, project: Callable[[], None] | None = None, amp: bool = False,
+                    channels_last: bool = False, progress: bool = False, desc: str = "train"
+                    ) -> dict[str, float]:
+    """Run `steps` optimizer steps over `loader`: forward, backward, step, weight-mean `project`,
+    per-iteration lr step. Returns loss and top-1 (%) over all processes, the last step's lr,
+    the images of all processes and this process's seconds."""
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step, (images, target) in enumerate(itertools.islice(loader, steps)):
+        images, target = _batch_to(images, target, device, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            output = model(images)
+            loss = criterion(output, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if project is not None:
+            project()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        n = target.shape[0]
+        correct = correct_topk(output, target, [1])[0]
+        totals += torch.stack([loss.detach().double() * n, correct.double(), totals.new_tensor(n)])
+        bar.update()
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}")
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    return {"loss": loss_sum / count, "acc1": 100 * correct / count, "lr": lr, "images": count,
+            "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable, device: torch.device, *,
+             amp: bool = False, channels_last: bool = False, progress: bool = False,
+             desc: str = "test") -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) of `model` in eval mode over `loader`, summed over processes."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, top-1, top-5, n
+    for images, target in tqdm(loader, desc=desc, disable=not progress, leave=False,
+                               dynamic_ncols=True):
+        images, target = _batch_to(images, target, device, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            output = model(images)
+            loss = criterion(output, target)
+        n = target.shape[0]
+        top1, top5 = correct_topk(output, target, [1, 5])
+        totals += torch.stack([loss.double() * n, top1.double(), top5.double(),
+                               totals.new_tensor(n)])
+    loss_sum, top1, top5, count = all_reduce_sum(totals).tolist()
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count}

@@ -1,0 +1,37 @@
+"""Seeding and the random-number-generator states a checkpoint carries."""
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state(cuda_devices: Sequence[int] = ()) -> dict[str, Any]:
+    """This process's generator states as `weights_only`-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(d) for d in cuda_devices],
+    }
+
+
+def restore_rng_state(state: dict[str, Any], cuda_devices: Sequence[int] = ()) -> None:
+    """Inverse of `capture_rng_state`; CUDA states are restored when the device count matches."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if len(state["cuda"]) == len(cuda_devices):
+        for d, s in zip(cuda_devices, state["cuda"]):
+            torch.cuda.set_rng_state(s, d)
