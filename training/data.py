@@ -35,10 +35,9 @@ class SyntheticImages(Dataset):
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.size, self.num_classes, self.image_size = size, num_classes, image_size
         self.seed, self.offset, self.noise, self.transform = seed, offset, noise, transform
+        # 4x4 per class, upsampled on demand: 1000 full-size ImageNet templates would take 600 MB
         g = torch.Generator().manual_seed(seed)
-        coarse = torch.randn(num_classes, 3, 4, 4, generator=g)
-        self.templates = F.interpolate(coarse, size=image_size, mode="bilinear",
-                                       align_corners=False)
+        self.coarse = torch.randn(num_classes, 3, 4, 4, generator=g)
 
     def __len__(self) -> int:
         return self.size
@@ -46,8 +45,9 @@ class SyntheticImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = index % self.num_classes
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index + 1)
-        noise = torch.randn(self.templates.shape[1:], generator=g)
-        image = self.templates[label] + self.noise * noise
+        template = F.interpolate(self.coarse[label:label + 1], size=self.image_size,
+                                 mode="bilinear", align_corners=False)[0]
+        image = template + self.noise * torch.randn(template.shape, generator=g)
         if self.transform is not None:
             image = self.transform(image)
         return image, label

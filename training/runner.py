@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 import models
 
@@ -71,7 +72,8 @@ def _say(rt: Runtime, message: str) -> None:
         print(message, flush=True)
 
 
-def _load_split(args: argparse.Namespace, data: DataSource, rt: Runtime, train: bool):
+def _load_split(args: argparse.Namespace, data: DataSource, rt: Runtime, train: bool
+                ) -> tuple[Dataset, int]:
     with main_process_first(rt):  # rank 0 downloads, the others then find the files
         return data.load(args, train=train)
 
@@ -100,7 +102,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, data: DataSource, rt: Runtime
     ckpt = load_checkpoint(args.resume, {"arch": args.arch, "num_classes": num_classes})
     net = _build_net(args, data, rt, num_classes)
     net.load_state_dict(ckpt["model"])
-    model = wrap_model(net, rt) if not rt.distributed else net
+    model = net if rt.distributed else wrap_model(net, rt)  # DDP adds nothing to evaluation
     _, test_loader = build_loaders(None, test_set, args, rt)
     stats = evaluate(torch.compile(model) if args.compile else model, nn.CrossEntropyLoss(),
                      test_loader, rt.device, amp=args.amp, channels_last=args.channels_last,
