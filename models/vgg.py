@@ -1,1 +1,138 @@
-"""Placeholder: being written."""
+"""VGG-11/13/16 for CIFAR (pytorch-cifar100 layout) and ImageNet (torchvision topology).
+
+Simonyan, Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
+ICLR 2015.
+
+One definition serves the three variants. "bn" puts a BatchNorm2d after every conv (vgg*_bn).
+"mimic" (`_cbn`) drops them, draws the convs from N(0, 2.8/fan) (fan_in on CIFAR, fan_out on
+ImageNet, as the reference code did) and the Linears from N(0, 2/fan_in), and ends in the last BN
+on the logits. "none" (`_nobn`) is the "mimic" network without the last BN.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._registry import register_model
+from .layers import batchnorm2d, check_norm, last_bn, mimic_init_, normal_, plain_init_
+
+# Conv channels, "M" a 2x2 max-pool (Simonyan & Zisserman's configurations A, B and D).
+CONFIGS: dict[str, tuple[int | str, ...]] = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (
+        64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    ),
+}
+# The reference's conv variance numerator: He's 2 times roughly the 1.2**2 that centring removes.
+CONV_VARIANCE_NUMERATOR = 2.8
+HIDDEN = 4096
+IMAGENET_POOL = 7
+
+
+class VGG(nn.Module):
+    """Conv stack, then Linear-ReLU-Dropout twice and the output Linear.
+
+    On CIFAR (32x32) the stack ends at 1x1 and feeds 512 features to the classifier; on ImageNet an
+    adaptive 7x7 average pool feeds 512*7*7 (torchvision). Convs keep their biases in every variant.
+    """
+
+    def __init__(
+        self, config: Sequence[int | str], norm: str, num_classes: int, dataset: str = "cifar"
+    ) -> None:
+        super().__init__()
+        check_norm(norm)
+        if dataset not in ("cifar", "imagenet"):
+            raise ValueError(f"unknown dataset {dataset!r}; expected cifar or imagenet")
+        self.features = _features(config, norm)
+        imagenet = dataset == "imagenet"
+        self.pool = nn.AdaptiveAvgPool2d(IMAGENET_POOL) if imagenet else nn.Identity()
+        width = _out_channels(config) * (IMAGENET_POOL**2 if imagenet else 1)
+        self.classifier = nn.Sequential(
+            nn.Linear(width, HIDDEN),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(HIDDEN, num_classes),
+        )
+        self.last_bn = last_bn(norm, num_classes)
+        if norm == "bn":
+            plain_init_(self)
+            for m in self.classifier.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0.0, 0.01)
+                    nn.init.zeros_(m.bias)
+        else:
+            mimic_init_(self.classifier, CONV_VARIANCE_NUMERATOR)
+            _conv_init_(self.features, fan_out=imagenet)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.pool(self.features(x)), 1)
+        x = self.classifier(x)
+        return x if self.last_bn is None else self.last_bn(x)
+
+
+def _features(config: Sequence[int | str], norm: str) -> nn.Sequential:
+    """3x3 conv (bias) - [BN] - ReLU per channel entry, 2x2 max-pool per "M"."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for entry in config:
+        if entry == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+            continue
+        out_channels = int(entry)
+        layers += [
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            *batchnorm2d(norm, out_channels),
+            nn.ReLU(inplace=True),
+        ]
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def _conv_init_(features: nn.Module, fan_out: bool) -> None:
+    """Convs N(0, 2.8/fan) with fan k*k*out (ImageNet reference) or k*k*in (CIFAR), biases 0."""
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            channels = m.out_channels if fan_out else m.in_channels
+            normal_(m.weight, CONV_VARIANCE_NUMERATOR, kh * kw * channels)
+            nn.init.zeros_(m.bias)
+
+
+def _out_channels(config: Sequence[int | str]) -> int:
+    return next(int(entry) for entry in reversed(config) if entry != "M")
+
+
+@register_model("cifar", "vgg11")
+def cifar_vgg11(norm: str, num_classes: int) -> VGG:
+    """VGG-11 (configuration A) for 32x32 inputs."""
+    return VGG(CONFIGS["vgg11"], norm, num_classes, "cifar")
+
+
+@register_model("cifar", "vgg13")
+def cifar_vgg13(norm: str, num_classes: int) -> VGG:
+    """VGG-13 (configuration B) for 32x32 inputs."""
+    return VGG(CONFIGS["vgg13"], norm, num_classes, "cifar")
+
+
+@register_model("cifar", "vgg16")
+def cifar_vgg16(norm: str, num_classes: int) -> VGG:
+    """VGG-16 (configuration D) for 32x32 inputs."""
+    return VGG(CONFIGS["vgg16"], norm, num_classes, "cifar")
+
+
+@register_model("imagenet", "vgg11")
+def imagenet_vgg11(norm: str, num_classes: int) -> VGG:
+    """VGG-11 (configuration A) for 224x224 inputs."""
+    return VGG(CONFIGS["vgg11"], norm, num_classes, "imagenet")
+
+
+@register_model("imagenet", "vgg16")
+def imagenet_vgg16(norm: str, num_classes: int) -> VGG:
+    """VGG-16 (configuration D) for 224x224 inputs."""
+    return VGG(CONFIGS["vgg16"], norm, num_classes, "imagenet")

@@ -1,0 +1,66 @@
+"""Print a markdown table of every registered model with its parameter count in each variant.
+
+    python scripts/model_table.py > table.md          # both datasets
+    python scripts/model_table.py --dataset cifar
+
+CIFAR models are built with 100 classes, ImageNet models with 1000. The table in README.md is this
+script's output.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from models._registry import VARIANT_SUFFIX  # noqa: E402
+
+NUM_CLASSES = {"cifar": 100, "imagenet": 1000}
+COLUMNS = {"bn": "plain (BN)", "mimic": "`_cbn` (MimicNorm)", "none": "`_nobn` (no norm)"}
+
+
+def architectures(dataset: str) -> list[str]:
+    """Registered architecture names for `dataset`, in natural order (resnet18 before resnet101)."""
+    archs = {models.split_model_name(name)[0] for name in models.list_models(dataset)}
+    return sorted(archs, key=_natural_key)
+
+
+def _natural_key(name: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def parameter_count(name: str, dataset: str) -> int:
+    """Number of parameters of model `name` built with the dataset's usual number of classes."""
+    model = models.create_model(name, NUM_CLASSES[dataset], dataset)
+    return sum(p.numel() for p in model.parameters())
+
+
+def table(datasets: list[str]) -> str:
+    """The markdown table: one row per dataset and architecture, parameters in millions."""
+    lines = [
+        "| dataset | model | " + " | ".join(COLUMNS.values()) + " |",
+        "|---|---|" + "---:|" * len(COLUMNS),
+    ]
+    for dataset in datasets:
+        label = f"{dataset} ({NUM_CLASSES[dataset]} classes)"
+        for arch in architectures(dataset):
+            counts = [parameter_count(arch + VARIANT_SUFFIX[norm], dataset) for norm in COLUMNS]
+            cells = " | ".join(f"{n / 1e6:.3f}M" for n in counts)
+            lines.append(f"| {label} | {arch} | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=models.DATASETS, help="only this dataset")
+    args = parser.parse_args(argv)
+    print(table([args.dataset] if args.dataset else list(models.DATASETS)))
+
+
+if __name__ == "__main__":
+    main()
