@@ -18,7 +18,8 @@ and measures
   `torch.cuda.max_memory_allocated`; on CPU the running sum of the CPU allocator's allocation
   events recorded by the profiler (`profile_memory=True`), i.e. allocator-level live bytes;
 * median step time over `--steps` steps after `--warmup`, the variants interleaved step by step
-  so that background load hits them alike; and the median time of the weight-mean projection.
+  so that background load hits them alike (and, since load only ever slows a step down, the
+  ratio of the fastest steps too); and the median time of the weight-mean projection.
 
     python -m benchmarks.memory --dataset cifar --batch-size 16 --out-dir results/memory
 """
@@ -27,7 +28,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -243,6 +246,8 @@ def summary(rows: dict[str, Row]) -> dict[str, object]:
         "step_cbn_ms": cbn.step_ms,
         "step_nobn_ms": nobn.step_ms,
         "step_cbn/plain": ratio(cbn.step_ms, plain.step_ms),
+        "step_cbn/plain_min": ratio(min(cbn.step_times, default=math.nan),
+                                    min(plain.step_times, default=math.nan)),
         "step_cbn/nobn": ratio(cbn.step_ms, nobn.step_ms),
         "weight_mean_ms": cbn.projection_ms,
         "weight_mean_%_of_cbn_step": 100 * ratio(cbn.projection_ms, cbn.step_ms),
@@ -275,15 +280,15 @@ def plot_ratios(table: list[dict[str, object]], path: Path, title: str) -> None:
         "saved_limit/plain", "saved_cbn/plain", "saved_cbn/nobn", "peak_cbn/plain", "step_cbn/plain"
     ]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table)), 4.8))
     for i, key in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(table))]
         ax.bar(xs, [row[key] for row in table], width, label=key)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(table)), [str(row["arch"]) for row in table], rotation=30, ha="right")
     ax.set_ylabel("ratio")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.set_title(textwrap.fill(title, 140), fontsize=8)
+    ax.legend(fontsize=7, ncol=len(series), loc="upper center", bbox_to_anchor=(0.5, -0.38))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -297,7 +302,8 @@ def settings_line(args: argparse.Namespace) -> str:
             f"device {args.device}, amp={'bf16' if args.amp else 'off'}, "
             f"channels_last={args.channels_last}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; peak = {peak}, above the step's start; "
-            f"step = median of {args.steps} after {args.warmup} warm-up")
+            f"step = median of {args.steps} after {args.warmup} warm-up, variants interleaved; "
+            f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

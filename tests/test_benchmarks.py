@@ -69,3 +69,19 @@ def test_benchmark_writes_table_csv_and_plot(tmp_path) -> None:
     assert row["saved_cbn/plain"] < 1 and row["step_cbn_ms"] > 0 and row["peak_cbn_MiB"] > 0
     written = {p.name for p in tmp_path.iterdir()}
     assert written == {"memory_cifar.csv", "memory_cifar.md", "memory_cifar.png"}
+
+
+def test_scaled_conv_formulations_save_what_their_docstrings_say() -> None:
+    from benchmarks.scaled_conv import formulation
+    from models import ScaledConv2d
+
+    conv = ScaledConv2d(3, 4, 3, padding=1, bias=False, scale_init=0.5)
+    x = torch.randn(2, 3, 6, 6)
+    exclude = memory.state_storages(conv)
+    saved = {}
+    for name in ("separate", "folded", "custom"):
+        with formulation(name):
+            saved[name] = memory.saved_tensor_bytes(lambda: conv(x), exclude)
+    x_bytes, out_bytes, weight_bytes = 4 * x.numel(), 4 * 2 * 4 * 6 * 6, 4 * conv.weight.numel()
+    assert saved == {"separate": x_bytes + out_bytes, "folded": x_bytes + weight_bytes, "custom": x_bytes}
+    assert ScaledConv2d.forward.__module__ == "models.mimicnorm"  # restored
