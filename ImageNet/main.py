@@ -1,0 +1,55 @@
+"""Train an ImageNet classifier with the paper's recipe, e.g. MimicNorm ResNet-50:
+
+    python ImageNet/main.py -a resnet50_cbn --weight mean -b 256 --data-dir /data/imagenet
+    torchrun --nproc_per_node 8 ImageNet/main.py -a resnet50_cbn --weight mean -b 32
+
+`--data-dir` holds train.lmdb and val.lmdb (from folder2lmdb.py), or train/ and val/ with -ds folder.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, from any directory
+
+from torch.utils.data import Dataset  # noqa: E402
+
+import training  # noqa: E402
+from ImageNet.data_loader import default_val_resize, load_split  # noqa: E402
+from ImageNet.lmdb_format import LMDBFormatError  # noqa: E402
+from ImageNet.utils import get_args_parser, scale_lr  # noqa: E402
+
+SYNTHETIC_CLASSES = 1000
+
+
+class ImageNetData:
+    """The ImageNet entry point's `training.DataSource`."""
+
+    family = "imagenet"
+
+    def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, int]:
+        """The split `-ds` selects and its number of classes; bad data raises UsageError."""
+        if args.dataset == "synthetic":
+            n_train, n_test = args.synthetic_size
+            data = training.SyntheticImages(n_train if train else n_test, SYNTHETIC_CLASSES,
+                                            args.image_size, offset=0 if train else n_train)
+            return data, SYNTHETIC_CLASSES
+        val_resize = args.val_resize or default_val_resize(args.image_size)
+        try:
+            data = load_split(Path(args.data_dir), args.dataset, train, args.image_size, val_resize)
+        except (FileNotFoundError, LMDBFormatError, ValueError) as e:
+            raise training.UsageError(str(e)) from None
+        return data, len(data.classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv), train or evaluate; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    scale_lr(args, argv)
+    return training.main(args, ImageNetData())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The ImageNet recipe of the paper (METHOD.md section 3) as command-line defaults."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ImageNet.data_loader import add_data_arguments
+from training import Recipe, get_args_parser as engine_args_parser
+
+IMAGENET_RECIPE = Recipe(
+    family="imagenet",
+    datasets=("lmdb", "folder", "synthetic"),
+    data_dir=str(Path(__file__).resolve().parent / "data"),
+    batch_size=256,
+    lr=0.1,  # for batch 256; scaled linearly with -b unless -lr is given
+    weight_decay=1e-4,
+    epochs=90,
+    milestones=(30, 60, 85),
+    gamma=0.1,
+    warm=2,
+    synthetic_size=(512, 128),
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The ImageNet training command line (defaults: the paper's ImageNet recipe)."""
+    parser = engine_args_parser(
+        IMAGENET_RECIPE, "Train an ImageNet classifier, plain, MimicNorm (_cbn) or unnormalised (_nobn).")
+    add_data_arguments(parser)
+    return parser
+
+
+def scale_lr(args: argparse.Namespace, argv: list[str]) -> None:
+    """Apply the recipe's linear rule lr = 0.1 * batch / 256 unless -lr was given explicitly."""
+    if not any(a in ("-lr", "--lr") or a.startswith("--lr=") for a in argv):
+        args.lr = IMAGENET_RECIPE.lr * args.batch_size / 256

@@ -1,0 +1,55 @@
+"""ImageNet entry point on the shared engine: one epoch on a tiny LMDB, then --evaluate."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from ImageNet import folder2lmdb
+from ImageNet.main import main
+from ImageNet.utils import get_args_parser, scale_lr
+from tests.test_imagenet_lmdb import make_image_folder
+
+COMMON = ["--image-size", "32", "--val-resize", "36", "-b", "4", "-j", "0", "--gpu", "-1",
+          "--no-progress", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("imagenet")
+    for split, seed in (("train", 0), ("val", 1)):
+        tree = make_image_folder(tmp_path_factory.mktemp(split) / split, seed=seed)
+        assert folder2lmdb.main(["--src", str(tree), "--dst", str(root / f"{split}.lmdb"),
+                                 "--quiet"]) == 0
+    return root
+
+
+def test_one_epoch_then_evaluate(data_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "runs"
+    argv = ["-a", "resnet18_cbn", "--weight", "mean", "--data-dir", str(data_dir),
+            "--out-dir", str(out), "--run-name", "tiny", *COMMON]
+    assert main(argv) == 0
+    run_dir = out / "resnet18_cbn" / "tiny"
+    with open(run_dir / "log.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["epoch"] == "1"
+    capsys.readouterr()
+    assert main(["-a", "resnet18_cbn", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "e"),
+                 "--evaluate", "--resume", str(run_dir / "best.pt"), *COMMON]) == 0
+    assert f"{float(row['test_acc1']):.2f}" in capsys.readouterr().out
+
+
+def test_missing_data_is_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["-a", "resnet18_cbn", "--data-dir", str(tmp_path / "none"),
+                 "--out-dir", str(tmp_path), *COMMON]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("argv, lr", [(["-b", "64"], 0.025), (["-b", "512"], 0.2),
+                                      (["-b", "64", "-lr", "0.3"], 0.3)])
+def test_lr_scales_with_batch_unless_given(argv: list[str], lr: float) -> None:
+    args = get_args_parser().parse_args(["-a", "resnet18", *argv])
+    scale_lr(args, argv)
+    assert args.lr == pytest.approx(lr)
