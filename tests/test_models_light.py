@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 import models
+from benchmarks.memory import saved_tensor_bytes
 from models.mimicnorm import (
     CIFAR_RULE,
     IMAGENET_RULE,
@@ -181,18 +182,8 @@ def test_shufflenet_unit_gain_and_bias() -> None:
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct non-parameter storages autograd saves for backward."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x).sum().backward()
-    return sum(storages.values())
+    params = [p.untyped_storage().data_ptr() for p in module.parameters()]
+    return saved_tensor_bytes(lambda: module(x).sum().backward(), exclude=params)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
