@@ -5,10 +5,11 @@
 """
 from .checkpoint import CheckpointSaver, load_checkpoint, save_atomic
 from .cli import Recipe, args_to_dict, check_args, get_args_parser
-from .data import DataSource, SyntheticImages, build_loaders
+from .data import DataSource, ResumableSampler, SeededSamples, SyntheticImages, build_loaders
 from .distributed import Runtime, SyncedBatchNorm1d, setup_runtime, sync_last_bn_, wrap_model
-from .engine import correct_topk, evaluate, train_one_epoch
-from .errors import UsageError
+from .engine import EpochState, correct_topk, evaluate, train_one_epoch
+from .errors import DataError, RunError, RunInterrupted, TrainingDiverged, UsageError
+from .guard import StepGuard, StopSignals
 from .logger import LOG_COLUMNS, CsvLog
 from .runner import RunResult, main, run
 from .schedule import WarmupMultiStepLR, lr_factor
@@ -17,12 +18,21 @@ __all__ = [
     "LOG_COLUMNS",
     "CheckpointSaver",
     "CsvLog",
+    "DataError",
     "DataSource",
+    "EpochState",
     "Recipe",
+    "ResumableSampler",
+    "RunError",
+    "RunInterrupted",
     "RunResult",
     "Runtime",
+    "SeededSamples",
+    "StepGuard",
+    "StopSignals",
     "SyncedBatchNorm1d",
     "SyntheticImages",
+    "TrainingDiverged",
     "UsageError",
     "WarmupMultiStepLR",
     "args_to_dict",

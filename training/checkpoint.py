@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError
+from .errors import RunError, UsageError
 
 CHECKPOINT_FORMAT = "mimicnorm-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: mid-epoch position (step, steps_per_epoch, world_size, epoch_totals)
+RECOVERY_GLOB = "step-*.pt"
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -97,15 +98,46 @@ def _load_failure(error: Exception) -> str:
 
 
 class CheckpointSaver:
-    """Checkpoint policy of a run: `last.pt` every epoch, `best.pt` when test top-1 improves."""
+    """Checkpoint policy of a run. `last.pt` is always the newest state (epoch end, recovery
+    point or stop signal), `best.pt` the epoch with the best test top-1, and `step-NNNNNNNN.pt`
+    the `keep_recovery` most recent --save-every recovery points (hard links where possible, so
+    each state is written once)."""
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, keep_recovery: int = 2) -> None:
         self.run_dir = Path(run_dir)
         self.last_path = self.run_dir / "last.pt"
         self.best_path = self.run_dir / "best.pt"
+        self.keep_recovery = keep_recovery
+        for stale in self.run_dir.glob(".*.pt.tmp*"):  # left by a writer killed mid-save
+            stale.unlink(missing_ok=True)
 
-    def save(self, state: dict[str, Any], is_best: bool) -> None:
-        """Write `state` as last.pt and, when `is_best`, as best.pt too."""
-        save_atomic(state, self.last_path)
-        if is_best:
-            _replace_with_copy(self.last_path, self.best_path)
+    def save(self, state: dict[str, Any], is_best: bool = False,
+             recovery_step: int | None = None) -> Path:
+        """Write `state` as last.pt, also as best.pt when `is_best` and as the recovery file of
+        global step `recovery_step` when given. Returns last.pt's path.
+
+        A failed write (full disk, lost permissions) raises RunError and leaves every earlier
+        file as it was.
+        """
+        try:
+            if recovery_step is None:
+                save_atomic(state, self.last_path)
+            else:
+                step_path = self.run_dir / f"step-{recovery_step:08d}.pt"
+                save_atomic(state, step_path)
+                _replace_with_copy(step_path, self.last_path)
+                self._prune()
+            if is_best:
+                _replace_with_copy(self.last_path, self.best_path)
+        except OSError as e:
+            raise RunError(f"cannot write a checkpoint in {self.run_dir}: {e.strerror or e}; "
+                           "the checkpoints already there are intact") from None
+        return self.last_path
+
+    def recovery_files(self) -> list[Path]:
+        """The step files, oldest written first."""
+        return sorted(self.run_dir.glob(RECOVERY_GLOB), key=lambda p: (p.stat().st_mtime_ns, p))
+
+    def _prune(self) -> None:
+        for old in self.recovery_files()[:-self.keep_recovery or None]:
+            old.unlink(missing_ok=True)

@@ -109,8 +109,8 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
     optim.add_argument("--gamma", type=positive_float, default=recipe.gamma,
                        help="learning-rate factor at each milestone")
     optim.add_argument("--seed", type=non_negative_int, default=0,
-                       help="seed of initialisation, data order and augmentation "
-                            "(process r of torchrun augments with seed + r)")
+                       help="seed of initialisation, data order and augmentation (each sample "
+                            "gets its own augmentation seed from seed, epoch and index)")
 
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default="runs",
@@ -119,7 +119,17 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
                      help="default: <dataset>-<weight>-s<seed>-<date-time>; with --resume, the "
                           "checkpoint's own folder")
     run.add_argument("--resume", metavar="PATH", default=None,
-                     help="continue training from this checkpoint (e.g. RUN/last.pt)")
+                     help="continue training from this checkpoint, even one saved mid-epoch "
+                          "(e.g. RUN/last.pt; a run folder means its last.pt)")
+    run.add_argument("--save-every", type=positive_int, default=None, metavar="N",
+                     help="also checkpoint every N optimizer steps, as last.pt and a "
+                          "step-NNNNNNNN.pt recovery file (default: only at epoch ends and on "
+                          "SIGTERM/SIGINT)")
+    run.add_argument("--keep-recovery", type=positive_int, default=2, metavar="K",
+                     help="keep the K newest step-NNNNNNNN.pt recovery files")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels only (cuDNN/cuBLAS), for bit-exact GPU reruns; "
+                          "CPU runs are reproducible without it")
     run.add_argument("--evaluate", action="store_true",
                      help="only test the --resume checkpoint on the test set")
     run.add_argument("--max-steps", type=positive_int, default=None,

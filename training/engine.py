@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -35,19 +36,46 @@ def _batch_to(images: torch.Tensor, target: torch.Tensor, device: torch.device,
     return images, target.to(device, non_blocking=True)
 
 
+@dataclass
+class EpochState:
+    """How far an epoch has got: what a checkpoint needs to continue it mid-way."""
+
+    epoch: int  # 0-based
+    steps: int  # optimizer steps in the full epoch
+    step: int = 0  # steps done
+    totals: torch.Tensor | None = None  # this process's sums: loss * n, correct top-1, n
+    seconds: float = 0.0  # this process's training time so far
+
+    @property
+    def done(self) -> bool:
+        """True once every step of the epoch has run."""
+        return self.step >= self.steps
+
+
+# Called after every step with the epoch's state, the step's loss and lr; True stops the epoch.
+AfterStep = Callable[[EpochState, torch.Tensor, float], bool]
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer,
-                    scheduler: LRScheduler, loader: Iterable, device: torch.device, *,
-                    steps: int, project: Callable[[], None] | None = None, amp: bool = False,
+                    scheduler: LRScheduler, loader: Iterable, device: torch.device,
+                    state: EpochState, *, project: Callable[[], None] | None = None,
+                    after_step: AfterStep | None = None, amp: bool = False,
                     channels_last: bool = False, progress: bool = False, desc: str = "train"
                     ) -> dict[str, float]:
-    """Run `steps` optimizer steps over `loader`: forward, backward, step, weight-mean `project`,
-    per-iteration lr step. Returns loss and top-1 (%) over all processes, the last step's lr,
-    the images of all processes and this process's seconds."""
+    """Run the rest of `state`'s epoch over `loader`: forward, backward, step, weight-mean
+    `project`, per-iteration lr step, then `after_step` (which may stop the epoch early).
+
+    `state` is updated as steps complete. Returns loss and top-1 (%) over all processes, the last
+    step's lr, the images of all processes and this process's seconds.
+    """
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    start = time.perf_counter()
-    for step, (images, target) in enumerate(itertools.islice(loader, steps)):
+    if state.totals is None:
+        state.totals = torch.zeros(3, dtype=torch.float64, device=device)
+    bar = tqdm(total=state.steps, initial=state.step, desc=desc, disable=not progress,
+               leave=False, dynamic_ncols=True)
+    start = time.perf_counter() - state.seconds
+    lr = optimizer.param_groups[0]["lr"]
+    for images, target in itertools.islice(loader, state.steps - state.step):
         images, target = _batch_to(images, target, device, channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             output = model(images)
@@ -61,16 +89,22 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
         scheduler.step()
         n = target.shape[0]
         correct = correct_topk(output, target, [1])[0]
-        totals += torch.stack([loss.detach().double() * n, correct.double(), totals.new_tensor(n)])
+        state.totals += torch.stack([loss.detach().double() * n, correct.double(),
+                                     state.totals.new_tensor(n)])
+        state.step += 1
+        state.seconds = time.perf_counter() - start
         bar.update()
-        if progress and step % 10 == 0:
+        if progress and state.step % 10 == 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}")
+        if after_step is not None and after_step(state, loss.detach(), lr):
+            break
     _synchronize(device)
-    seconds = time.perf_counter() - start
+    state.seconds = time.perf_counter() - start
     bar.close()
-    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    loss_sum, correct, count = all_reduce_sum(state.totals.clone()).tolist()
+    count = max(count, 1)
     return {"loss": loss_sum / count, "acc1": 100 * correct / count, "lr": lr, "images": count,
-            "seconds": seconds}
+            "seconds": state.seconds}
 
 
 @torch.no_grad()

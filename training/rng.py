@@ -1,8 +1,10 @@
 """Seeding and the random-number-generator states a checkpoint carries."""
 from __future__ import annotations
 
+import os
 import random
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,3 +37,26 @@ def restore_rng_state(state: dict[str, Any], cuda_devices: Sequence[int] = ()) -
     if len(state["cuda"]) == len(cuda_devices):
         for d, s in zip(cuda_devices, state["cuda"]):
             torch.cuda.set_rng_state(s, d)
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Within the block, only deterministic kernels (cuDNN without autotuning, a fixed cuBLAS
+    workspace): a GPU run then repeats bit for bit, somewhat slower. Restores the previous
+    settings on exit; does nothing when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    previous = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+                cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        cudnn.deterministic, cudnn.benchmark = previous[1], previous[2]
+        if previous[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
