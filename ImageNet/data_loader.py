@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lmdb
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from ImageNet.lmdb_format import LMDBFormatError, load_index, record_key, shared_env
+from training.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,8 +62,11 @@ class LMDBImageFolder(Dataset):
         with self._env.begin() as txn:
             data = txn.get(record_key(i))
         if data is None:
-            raise LMDBFormatError(f"{self.path}: record {i} is missing (corrupt database)")
-        image = decode_image(data, f"{self.path} record {i}")
+            raise DataError(f"{self.path}: record {i} is missing (corrupt database)")
+        try:
+            image = decode_image(data, f"{self.path} record {i}")
+        except LMDBFormatError as exc:
+            raise DataError(str(exc)) from None
         target = int(self.targets[i])
         if self.transform is not None:
             image = self.transform(image)
@@ -83,6 +87,8 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise LMDBFormatError(f"{name}: not a decodable image (unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise LMDBFormatError(f"{name}: not a decodable image ({exc})") from exc
 

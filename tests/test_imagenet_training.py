@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from ImageNet import folder2lmdb
+from ImageNet.lmdb_format import record_key
 from ImageNet.main import main
 from ImageNet.utils import get_args_parser, scale_lr
 from tests.test_imagenet_lmdb import make_image_folder
@@ -53,3 +56,22 @@ def test_lr_scales_with_batch_unless_given(argv: list[str], lr: float) -> None:
     args = get_args_parser().parse_args(["-a", "resnet18", *argv])
     scale_lr(args, argv)
     assert args.lr == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_one_corrupt_record_is_one_line(data_dir: Path, tmp_path: Path, capsys,
+                                        workers: str) -> None:
+    damaged = tmp_path / "data"
+    damaged.mkdir()
+    for split in ("train", "val"):
+        shutil.copyfile(data_dir / f"{split}.lmdb", damaged / f"{split}.lmdb")
+    env = lmdb.open(str(damaged / "train.lmdb"), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(record_key(3), b"\xff\xd8\xff not really a JPEG")
+    env.close()
+    argv = ["-a", "resnet18_cbn", "--data-dir", str(damaged), "--out-dir", str(tmp_path / "out"),
+            *COMMON, "-j", workers]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {damaged / 'train.lmdb'} record 3: not a decodable image "
+                   "(unknown format)"]
