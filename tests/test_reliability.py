@@ -340,6 +340,17 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys):
     assert "cannot write the run folder" in line and "Permission denied" in line
 
 
+def test_denied_output_folder_is_one_line_even_as_root(tmp_path, capsys, monkeypatch):
+    def deny(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "mkdir", deny)
+    assert main([*TINY, "-j", "0", "--out-dir", str(tmp_path)]) == 2
+    (line,) = _stderr_lines(capsys)
+    assert line.startswith(f"error: cannot write the run folder {tmp_path}/squeezenet_cbn/")
+    assert line.endswith(": Permission denied")
+
+
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
     real_save, calls = torch.save, []
 
