@@ -22,6 +22,7 @@ from Cifar.data_loader import CifarData
 from Cifar.main import main
 from Cifar.utils import get_args_parser
 from training.checkpoint import load_checkpoint
+from training.engine import loader_batches
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["-a", "squeezenet_cbn", "--weight", "mean", "-ds", "synthetic", "--synthetic-size", "12",
@@ -415,6 +416,26 @@ class _Unreadable(Dataset):
 def test_unreadable_sample_is_one_line_with_or_without_workers(workers):
     loader = torch.utils.data.DataLoader(training.SeededSamples(_Unreadable(), seed=0),
                                          batch_size=4, num_workers=workers)
-    with pytest.raises(training.DataError) as info:
-        list(loader)
+    with pytest.raises(training.DataError) as info, loader_batches(loader) as batches:
+        list(batches)
     assert str(info.value) == "cannot read sample 5: image file is truncated (3 bytes not processed)"
+
+
+def test_a_corrupt_image_with_workers_exits_without_hanging(tmp_path):
+    """The run used to print its error and then wait forever for its data workers at exit."""
+    from PIL import Image
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (60 * i, 40, 200)).save(folder / f"{i}.png")
+    corrupt = tmp_path / "data" / "train" / "a" / "2.png"
+    corrupt.write_bytes(b"not an image")
+    argv = ["Cifar/main.py", *TINY, "-ds", "folder", "--data-dir", str(tmp_path / "data"),
+            "-j", "2"]
+    proc = _start(tmp_path, argv)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines() == [
+        f"error: cannot read {corrupt}: not a decodable image (unknown format)"]

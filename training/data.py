@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
+from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .distributed import Runtime
@@ -85,6 +86,9 @@ class SeededSamples(Dataset):
             return self.dataset[index]
         except DataError:
             raise
+        except UnidentifiedImageError:  # PIL's message repeats the path inside a file object
+            raise DataError(f"cannot read {_sample_name(self.dataset, index)}: not a decodable "
+                            "image (unknown format)") from None
         except (OSError, ValueError, SyntaxError) as e:  # PIL, LMDB and file-system failures
             raise DataError(f"cannot read {_sample_name(self.dataset, index)}: {e}") from None
 

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import itertools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum
@@ -34,6 +36,23 @@ def _batch_to(images: torch.Tensor, target: torch.Tensor, device: torch.device,
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(device, non_blocking=True, memory_format=fmt)
     return images, target.to(device, non_blocking=True)
+
+
+@contextmanager
+def loader_batches(loader: Iterable) -> Iterator[Iterator[Any]]:
+    """Iterate `loader` and shut its worker processes down however the loop ends.
+
+    A loop left by an exception (a bad sample, a divergence, an abort) would otherwise keep the
+    iterator alive in the traceback, and at interpreter exit multiprocessing would wait forever
+    for workers that ignore SIGTERM (see `data.build_loaders`).
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # DataLoader's multi-process iter
+        if shutdown is not None:
+            shutdown()
 
 
 @dataclass
@@ -75,29 +94,30 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
                leave=False, dynamic_ncols=True)
     start = time.perf_counter() - state.seconds
     lr = optimizer.param_groups[0]["lr"]
-    for images, target in itertools.islice(loader, state.steps - state.step):
-        images, target = _batch_to(images, target, device, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            output = model(images)
-            loss = criterion(output, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if project is not None:
-            project()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        n = target.shape[0]
-        correct = correct_topk(output, target, [1])[0]
-        state.totals += torch.stack([loss.detach().double() * n, correct.double(),
-                                     state.totals.new_tensor(n)])
-        state.step += 1
-        state.seconds = time.perf_counter() - start
-        bar.update()
-        if progress and state.step % 10 == 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}")
-        if after_step is not None and after_step(state, loss.detach(), lr):
-            break
+    with loader_batches(loader) as batches:
+        for images, target in itertools.islice(batches, state.steps - state.step):
+            images, target = _batch_to(images, target, device, channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                output = model(images)
+                loss = criterion(output, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if project is not None:
+                project()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            n = target.shape[0]
+            correct = correct_topk(output, target, [1])[0]
+            state.totals += torch.stack([loss.detach().double() * n, correct.double(),
+                                         state.totals.new_tensor(n)])
+            state.step += 1
+            state.seconds = time.perf_counter() - start
+            bar.update()
+            if progress and state.step % 10 == 1:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}")
+            if after_step is not None and after_step(state, loss.detach(), lr):
+                break
     _synchronize(device)
     state.seconds = time.perf_counter() - start
     bar.close()
@@ -108,22 +128,23 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable, device: torch.device, *,
+def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device: torch.device, *,
              amp: bool = False, channels_last: bool = False, progress: bool = False,
              desc: str = "test") -> dict[str, float]:
     """Loss, top-1 and top-5 (%) of `model` in eval mode over `loader`, summed over processes."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, top-1, top-5, n
-    for images, target in tqdm(loader, desc=desc, disable=not progress, leave=False,
-                               dynamic_ncols=True):
-        images, target = _batch_to(images, target, device, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            output = model(images)
-            loss = criterion(output, target)
-        n = target.shape[0]
-        top1, top5 = correct_topk(output, target, [1, 5])
-        totals += torch.stack([loss.double() * n, top1.double(), top5.double(),
-                               totals.new_tensor(n)])
+    with loader_batches(loader) as batches:
+        for images, target in tqdm(batches, total=len(loader), desc=desc, disable=not progress,
+                                   leave=False, dynamic_ncols=True):
+            images, target = _batch_to(images, target, device, channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                output = model(images)
+                loss = criterion(output, target)
+            n = target.shape[0]
+            top1, top5 = correct_topk(output, target, [1, 5])
+            totals += torch.stack([loss.double() * n, top1.double(), top5.double(),
+                                   totals.new_tensor(n)])
     loss_sum, top1, top5, count = all_reduce_sum(totals).tolist()
     count = max(count, 1)
     return {"loss": loss_sum / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count}
