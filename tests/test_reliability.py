@@ -250,6 +250,30 @@ def test_divergence_exits_3_and_keeps_the_good_checkpoints(tmp_path, capsys):
     assert main(twin) == 0  # MimicNorm trains at the same learning rate
 
 
+def test_non_finite_state_behind_a_finite_loss_is_never_saved(tmp_path, capsys, monkeypatch):
+    """A last BN keeps the loss finite while the network blows up (seen with squeezenet_cbn at
+    -lr 5): the check before each save catches it. Here step 3 leaves a NaN momentum buffer."""
+    real_step, calls = torch.optim.SGD.step, []
+
+    def step_then_poison(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            self.state[self.param_groups[0]["params"][0]]["momentum_buffer"].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_then_poison)
+    argv = [*TINY, "-j", "0", "--epochs", "1", "--save-every", "2", "--out-dir", str(tmp_path),
+            "--run-name", "nan"]
+    assert main(argv) == 3
+    run_dir = tmp_path / "squeezenet_cbn" / "nan"
+    (line,) = _stderr_lines(capsys)
+    assert line == ("error: training diverged: the weights or momentum are no longer finite at "
+                    f"epoch 1 step 4 (lr now 0.08333); {run_dir / 'last.pt'} (epoch 1, step 2/6) is the "
+                    "last good checkpoint; lower -lr (it is 0.1)")
+    assert load_checkpoint(run_dir / "last.pt", EXPECT)["step"] == 2
+
+
 def test_guard_reports_the_first_non_finite_loss_and_saves_nothing_after():
     saves = []
     with training.StopSignals() as signals:

@@ -231,7 +231,11 @@ class _Training:
     def save(self, state: EpochState, is_best: bool = False) -> None:
         """Checkpoint `state` (every process takes part; rank 0 writes): at an epoch's end as
         last.pt (+ best.pt), mid-epoch as last.pt or, every --save-every steps, a step file."""
-        _check_finite(self.net, self.optimizer, self.last_saved)
+        if not _all_finite(self.net, self.optimizer):
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise TrainingDiverged(f"training diverged: the weights or momentum are no longer "
+                                   f"finite at epoch {state.epoch + 1} step {state.step} "
+                                   f"(lr now {lr:.4g}); {self.divergence_hint()}")
         done = state.done
         totals = all_reduce_sum(state.totals.clone()).tolist() if not done else [0.0] * 3
         rng = gather_objects(capture_rng_state(self.rt.device_ids))
@@ -266,16 +270,13 @@ class _Training:
         return f"{kept}; {advice}"
 
 
-def _check_finite(net: nn.Module, optimizer: torch.optim.Optimizer, last_saved: str | None
-                  ) -> None:
-    """Refuse to save non-finite weights or momentum over a good checkpoint."""
+def _all_finite(net: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every weight, buffer and optimizer state is finite (checked before each save, so
+    that a diverged state never replaces a good checkpoint)."""
     tensors = [*net.parameters(), *net.buffers()]
     tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     finite = torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()])
-    if not bool(finite.all()):
-        kept = f"{last_saved} is the last good checkpoint" if last_saved else "nothing was saved"
-        raise TrainingDiverged(f"training diverged: the weights are no longer finite; {kept}; "
-                               "lower -lr")
+    return bool(finite.all())
 
 
 def _train(args: argparse.Namespace, data: DataSource, rt: Runtime) -> RunResult:
