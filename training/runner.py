@@ -213,7 +213,7 @@ class _Training:
                 f"{self.args.resume} stops mid-epoch at step {ckpt['step']} of "
                 f"{ckpt['steps_per_epoch']} with {ckpt['world_size']} process(es); this run has "
                 f"{self.steps} steps per epoch and {rt.world_size} process(es): resume with the "
-                "same batch size and process count, or from an epoch-end last.pt")
+                "same batch size and process count (only epoch-end checkpoints can change them)")
         _restore(ckpt, self.args, rt, self.net, self.optimizer, self.scheduler)
         # Weights saved by a --weight mean run are centred already; centring again would only add
         # rounding noise and break exact resumption.
