@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from ImageNet.lmdb_format import LMDBFormatError, load_index, record_key, shared_env
+from ImageNet.lmdb_format import load_index, record_key, shared_env
 from training.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,10 +63,7 @@ class LMDBImageFolder(Dataset):
             data = txn.get(record_key(i))
         if data is None:
             raise DataError(f"{self.path}: record {i} is missing (corrupt database)")
-        try:
-            image = decode_image(data, f"{self.path} record {i}")
-        except LMDBFormatError as exc:
-            raise DataError(str(exc)) from None
+        image = decode_image(data, f"{self.path} record {i}")
         target = int(self.targets[i])
         if self.transform is not None:
             image = self.transform(image)
@@ -83,14 +80,14 @@ class LMDBImageFolder(Dataset):
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image; ``name`` goes into the error message."""
+    """Decode encoded image bytes to an RGB PIL image; a failure is a DataError naming `name`."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
     except UnidentifiedImageError:
-        raise LMDBFormatError(f"{name}: not a decodable image (unknown format)") from None
+        raise DataError(f"{name}: not a decodable image (unknown format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise LMDBFormatError(f"{name}: not a decodable image ({exc})") from exc
+        raise DataError(f"{name}: not a decodable image ({exc})") from None
 
 
 def train_transform(image_size: int = 224) -> transforms.Compose:
