@@ -292,14 +292,14 @@ def _train(args: argparse.Namespace, data: DataSource, rt: Runtime) -> RunResult
     if rt.is_main:
         log = _start_outputs(run_dir, args, t.ckpt)
     n_params = sum(p.numel() for p in net.parameters())
-    _say(rt, f"{args.arch} ({n_params / 1e6:.2f}M parameters, weight {args.weight}) on "
-             f"{_describe(rt)}: {args.dataset} {len(t.train_set)} train / {len(t.test_set)} test "
-             f"images, {t.num_classes} classes, {t.steps} steps per epoch -> {run_dir}")
-
     criterion = nn.CrossEntropyLoss()
     progress = _progress(args, rt)
     row: dict[str, float] = {}
-    with StopSignals() as signals:
+    with StopSignals() as signals:  # before the start line: from then on a stop saves
+        _say(rt, f"{args.arch} ({n_params / 1e6:.2f}M parameters, weight {args.weight}) on "
+                 f"{_describe(rt)}: {args.dataset} {len(t.train_set)} train / "
+                 f"{len(t.test_set)} test images, {t.num_classes} classes, {t.steps} steps per "
+                 f"epoch -> {run_dir}")
         guard = StepGuard(signals, t.save, t.divergence_hint,
                           check_every=1 if rt.device.type == "cpu" else CUDA_CHECK_EVERY,
                           save_every=args.save_every)
