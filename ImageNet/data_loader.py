@@ -19,7 +19,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from ImageNet.lmdb_format import load_index, record_key, shared_env
-from training.errors import DataError
+from training.errors import UNKNOWN_IMAGE_FORMAT, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,7 +85,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
     except UnidentifiedImageError:
-        raise DataError(f"{name}: not a decodable image (unknown format)") from None
+        raise DataError(f"{name}: {UNKNOWN_IMAGE_FORMAT}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: not a decodable image ({exc})") from None
 

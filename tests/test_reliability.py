@@ -21,6 +21,7 @@ import training
 from Cifar.data_loader import CifarData
 from Cifar.main import main
 from Cifar.utils import get_args_parser
+from tests.test_imagenet_lmdb import CLASSES, make_image_folder
 from training.checkpoint import load_checkpoint
 from training.engine import loader_batches
 
@@ -447,14 +448,9 @@ def test_unreadable_sample_is_one_line_with_or_without_workers(workers):
 
 def test_a_corrupt_image_with_workers_exits_without_hanging(tmp_path):
     """The run used to print its error and then wait forever for its data workers at exit."""
-    from PIL import Image
-    for split in ("train", "test"):
-        for label in ("a", "b"):
-            folder = tmp_path / "data" / split / label
-            folder.mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (32, 32), (60 * i, 40, 200)).save(folder / f"{i}.png")
-    corrupt = tmp_path / "data" / "train" / "a" / "2.png"
+    make_image_folder(tmp_path / "data" / "train")
+    make_image_folder(tmp_path / "data" / "test", seed=1)
+    corrupt = tmp_path / "data" / "train" / CLASSES[0] / "002.jpg"
     corrupt.write_bytes(b"not an image")
     argv = ["Cifar/main.py", *TINY, "-ds", "folder", "--data-dir", str(tmp_path / "data"),
             "-j", "2"]

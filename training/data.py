@@ -11,7 +11,7 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .distributed import Runtime
-from .errors import DataError, UsageError
+from .errors import UNKNOWN_IMAGE_FORMAT, DataError, UsageError
 
 
 class DataSource(Protocol):
@@ -86,9 +86,9 @@ class SeededSamples(Dataset):
             return self.dataset[index]
         except DataError:
             raise
-        except UnidentifiedImageError:  # PIL's message repeats the path inside a file object
-            raise DataError(f"cannot read {_sample_name(self.dataset, index)}: not a decodable "
-                            "image (unknown format)") from None
+        except UnidentifiedImageError:
+            raise DataError(f"cannot read {_sample_name(self.dataset, index)}: "
+                            f"{UNKNOWN_IMAGE_FORMAT}") from None
         except (OSError, ValueError, SyntaxError) as e:  # PIL, LMDB and file-system failures
             raise DataError(f"cannot read {_sample_name(self.dataset, index)}: {e}") from None
 

@@ -1,6 +1,9 @@
 """Why a run ended early: each reason is one line on stderr and its own process exit code."""
 from __future__ import annotations
 
+# What a sample PIL cannot identify reads as (PIL's own message repeats the path or a file object).
+UNKNOWN_IMAGE_FORMAT = "not a decodable image (unknown format)"
+
 
 class RunError(Exception):
     """A run that cannot go on; `main` prints `<label>: <message>` and exits with `exit_code`."""
