@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.recipes import STABLE_LR
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs what Cifar/main.py runs, then saves each process's final weights for comparison.
@@ -32,8 +34,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path, last_bn):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(worker), "-a", "squeezenet_cbn", "--weight", "mean", *last_bn,
-         "-ds", "synthetic", "--synthetic-size", "16", "4", "-b", "4", "--epochs", "2",
-         "--max-steps", "2", "-j", "0", "--gpu", "-1", "--no-progress",
+         "-ds", "synthetic", "--synthetic-size", "16", "4", "-b", "4", "-lr", str(STABLE_LR),
+         "--epochs", "2", "--max-steps", "2", "-j", "0", "--gpu", "-1", "--no-progress",
          "--out-dir", str(tmp_path / "runs"), "--run-name", "ddp"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

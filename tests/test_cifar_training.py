@@ -8,14 +8,15 @@ import models
 import training
 from Cifar.data_loader import CifarData
 from Cifar.utils import get_args_parser
+from tests.recipes import STABLE_LR
 
 CBN_MODELS = [name for name in models.list_models("cifar") if name.endswith("_cbn")]
 
 
 def _run(tmp_path, *flags: str) -> training.RunResult:
     args = get_args_parser().parse_args([
-        "-ds", "synthetic", "--synthetic-size", "4", "2", "-b", "2", "-j", "0", "--gpu", "-1",
-        "--no-progress", "--out-dir", str(tmp_path), *flags])
+        "-ds", "synthetic", "--synthetic-size", "8", "2", "-b", "4", "-lr", str(STABLE_LR), "-j",
+        "0", "--gpu", "-1", "--no-progress", "--out-dir", str(tmp_path), *flags])
     return training.run(args, CifarData())
 
 
@@ -24,6 +25,7 @@ def _log(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("arch", CBN_MODELS)
 def test_every_mimicnorm_model_trains_a_few_steps(tmp_path, arch):
     result = _run(tmp_path, "-a", arch, "--weight", "mean", "--epochs", "1", "--max-steps", "2")
@@ -46,6 +48,7 @@ def test_amp_and_channels_last_on_cpu(tmp_path):
     assert result.model.last_bn.bn.running_var.dtype == torch.float32
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     common = ["-a", "squeezenet_cbn", "--weight", "mean", "--synthetic-size", "12", "4",

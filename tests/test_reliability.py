@@ -21,13 +21,12 @@ import training
 from Cifar.data_loader import CifarData
 from Cifar.main import main
 from Cifar.utils import get_args_parser
+from tests.recipes import HOT_LR, STABLE_LR, TINY, TINY_STEPS
 from tests.test_imagenet_lmdb import CLASSES, make_image_folder
 from training.checkpoint import load_checkpoint
 from training.engine import loader_batches
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["-a", "squeezenet_cbn", "--weight", "mean", "-ds", "synthetic", "--synthetic-size", "12",
-        "4", "-b", "2", "--gpu", "-1", "--no-progress", "--warm", "1", "--milestones", "2"]
 EXPECT = {"arch": "squeezenet_cbn", "num_classes": 100, "dataset": "synthetic"}
 
 
@@ -90,6 +89,7 @@ class _SignalledCifar(CifarData):
         return (_SignalOnRead(data, self.index, self.flag, self.signum) if train else data), classes
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 @pytest.mark.parametrize("workers, signum", [(0, signal.SIGTERM), (2, signal.SIGINT)])
 def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, workers,
@@ -97,17 +97,17 @@ def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path
     flags = ["--epochs", "3", "-j", str(workers)]
     straight = training.run(_args(tmp_path, *flags, "--run-name", "straight"), CifarData())
 
-    order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist()
     flag = tmp_path / "armed"
     flag.touch()
-    data = _SignalledCifar(order[5], flag, signum)  # read for step 3 of 6 of the first epoch
+    data = _SignalledCifar(order[9], flag, signum)  # read for step 3 of 6 of the first epoch
     with pytest.raises(training.RunInterrupted) as info:
         training.run(_args(tmp_path, *flags, "--run-name", "stopped"), data)
     run_dir = tmp_path / "squeezenet_cbn" / "stopped"
     assert info.value.exit_code == 128 + signum
     assert f"continue with --resume {run_dir / 'last.pt'}" in str(info.value)
     stopped = load_checkpoint(run_dir / "last.pt", EXPECT)
-    assert stopped["epoch"] == 0 and 1 <= stopped["step"] < 6
+    assert stopped["epoch"] == 0 and 1 <= stopped["step"] < TINY_STEPS
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
 
     resumed = training.run(_args(tmp_path, *flags, "--resume", str(run_dir)), CifarData())
@@ -186,6 +186,7 @@ def _newest_recovery_step(run_dir: Path) -> int:
     return max((int(p.stem.split("-")[1]) for p in run_dir.glob("step-*.pt")), default=0)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_anywhere_loses_only_the_unsaved_steps(tmp_path, seed):
@@ -213,7 +214,7 @@ def test_sigkill_anywhere_loses_only_the_unsaved_steps(tmp_path, seed):
 
     def position() -> int:
         ckpt = load_checkpoint(run_dir / "last.pt", EXPECT)
-        return ckpt["epoch"] * 6 + ckpt["step"]
+        return ckpt["epoch"] * TINY_STEPS + ckpt["step"]
 
     assert attempt(die_in_save=4) == -signal.SIGKILL
     assert list(run_dir.glob(".*.tmp*")), "the kill should land inside a checkpoint write"
@@ -233,13 +234,15 @@ def test_sigkill_anywhere_loses_only_the_unsaved_steps(tmp_path, seed):
 
 # --- divergence ---------------------------------------------------------------------------------
 
+@pytest.mark.numerics
 def test_divergence_exits_3_and_keeps_the_good_checkpoints(tmp_path, capsys):
     argv = [*TINY, "-a", "squeezenet_nobn", "--weight", "none", "-j", "0", "--epochs", "2",
-            "-lr", "5", "--save-every", "1", "--out-dir", str(tmp_path), "--run-name", "hot"]
+            "-lr", str(HOT_LR), "--save-every", "1", "--out-dir", str(tmp_path),
+            "--run-name", "hot"]
     assert main(argv) == 3
     (line,) = _stderr_lines(capsys)
     assert line.startswith("error: training diverged: non-finite loss at epoch 1 step ")
-    assert "(lr " in line and "lower -lr (it is 5)" in line
+    assert "(lr " in line and f"lower -lr (it is {HOT_LR})" in line
     assert "-a squeezenet_cbn --weight mean" in line
     run_dir = tmp_path / "squeezenet_nobn" / "hot"
     bad_step = int(line.split(" step ")[1].split()[0])
@@ -253,7 +256,7 @@ def test_divergence_exits_3_and_keeps_the_good_checkpoints(tmp_path, capsys):
 
 def test_non_finite_state_behind_a_finite_loss_is_never_saved(tmp_path, capsys, monkeypatch):
     """A last BN keeps the loss finite while the network blows up (seen with squeezenet_cbn at
-    -lr 5): the check before each save catches it. Here step 3 leaves a NaN momentum buffer."""
+    a high -lr): the check before each save catches it. Here step 3 leaves a NaN momentum buffer."""
     real_step, calls = torch.optim.SGD.step, []
 
     def step_then_poison(self, *args, **kwargs):
@@ -269,9 +272,10 @@ def test_non_finite_state_behind_a_finite_loss_is_never_saved(tmp_path, capsys, 
     assert main(argv) == 3
     run_dir = tmp_path / "squeezenet_cbn" / "nan"
     (line,) = _stderr_lines(capsys)
+    lr_now = STABLE_LR * 5 / TINY_STEPS  # warm-up after 4 steps
     assert line == ("error: training diverged: the weights or momentum are no longer finite at "
-                    f"epoch 1 step 4 (lr now 0.08333); {run_dir / 'last.pt'} (epoch 1, step 2/6) is the "
-                    "last good checkpoint; lower -lr (it is 0.1)")
+                    f"epoch 1 step 4 (lr now {lr_now:.4g}); {run_dir / 'last.pt'} (epoch 1, "
+                    f"step 2/6) is the last good checkpoint; lower -lr (it is {STABLE_LR})")
     assert load_checkpoint(run_dir / "last.pt", EXPECT)["step"] == 2
 
 
@@ -324,7 +328,7 @@ def _edited(**changes):
     (_edited(), ["-a", "squeezenet"], "arch squeezenet_cbn, this run has arch squeezenet"),
     (_edited(num_classes=10), [], "num_classes 10, this run has num_classes 100"),
     (_edited(dataset="cifar10"), [], "dataset cifar10, this run has dataset synthetic"),
-    (lambda good, p: (p.unlink(), os.link(next(good.glob("step-*.pt")), p)), ["-b", "6"],
+    (lambda good, p: (p.unlink(), os.link(next(good.glob("step-*.pt")), p)), ["-b", "12"],
      "stops mid-epoch at step 2 of 3 with 1 process(es); this run has 2 steps per epoch"),
 ])
 def test_bad_checkpoint_is_one_line_and_changes_nothing(good_checkpoint, tmp_path, capsys, make,
@@ -400,6 +404,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, capsys,
 
 # --- determinism and the data path --------------------------------------------------------------
 
+@pytest.mark.numerics
 def test_deterministic_runs_repeat_with_workers_and_restore_the_settings(tmp_path):
     before = torch.are_deterministic_algorithms_enabled()
     runs = [training.run(_args(tmp_path, "-j", "2", "--epochs", "1", "--deterministic",

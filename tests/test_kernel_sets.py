@@ -1,0 +1,44 @@
+"""The numerically sensitive tests (marker `numerics`) again under each other CPU kernel set.
+
+Float results differ between torch's CPU kernel sets, and CI runs on whichever CPU it gets
+(AVX512 or AVX2). Re-running the tests whose outcome depends on float results (exact resume,
+divergence, "this trains") under ATEN_CPU_CAPABILITY=default, avx2 and avx512 makes a test that
+passes here pass on the other machines too.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_SETS = ("default", "avx2", "avx512")
+
+
+def _capability_under(setting: str) -> str:
+    """The kernel set torch picks with ATEN_CPU_CAPABILITY=`setting` (it falls back to the best
+    this CPU has when asked for more)."""
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=setting)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
+    return out.stdout.strip().lower()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
+def test_numerics_tests_pass_under_every_kernel_set(kernel_set, tmp_path):
+    if torch.backends.cpu.get_cpu_capability().lower() == kernel_set:
+        pytest.skip(f"this pytest process already runs on {kernel_set}")
+    if _capability_under(kernel_set) != kernel_set:
+        pytest.skip(f"this CPU does not support {kernel_set}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=kernel_set)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "numerics", "-q", "-p", "no:cacheprovider",
+         "--basetemp", str(tmp_path / "t")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"under ATEN_CPU_CAPABILITY={kernel_set}:\n{proc.stdout[-6000:]}"
