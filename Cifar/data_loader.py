@@ -1,16 +1,28 @@
 """CIFAR-100, CIFAR-10, any small-image ImageFolder tree, or generated images, with the paper's
-augmentation: random crop 32 with padding 4, horizontal flip, rotation +-15 degrees."""
+augmentation: random crop 32 with padding 4, horizontal flip, rotation +-15 degrees.
+
+Two data paths give the same augmentation: `--loader pil` transforms image by image in DataLoader
+workers (torchvision); `--loader device` decodes a split once into one tensor on the training
+device and augments whole batches there (`training.device_loader`).
+"""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Callable
 
-from torch.utils.data import Dataset
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
+from torchvision.transforms.functional import pil_to_tensor
 
-from Cifar.utils import NORMALIZATION
-from training import SyntheticImages, UsageError
+from Cifar.utils import CIFAR_RECIPE, NORMALIZATION
+from training import SeededSamples, SyntheticImages, UsageError
+from training.device_loader import CropFlipRotate, TensorImages
+from training.engine import loader_batches
+from training.errors import DataError
 
 IMAGE_SIZE = 32
 SYNTHETIC_CLASSES = 100  # the shapes of CIFAR-100
@@ -33,10 +45,14 @@ def image_transform(dataset: str, train: bool) -> transforms.Compose:
 class CifarData:
     """The CIFAR entry point's `training.DataSource`."""
 
-    family = "cifar"
+    recipe = CIFAR_RECIPE
 
     def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, int]:
-        """The split `-ds` selects and its number of classes; missing files raise UsageError."""
+        """The split `-ds` selects and its number of classes, as `TensorImages` with `--loader
+        device`; missing files raise UsageError."""
+        if args.loader == "device":
+            data = load_tensors(args, train)
+            return data, data.classes
         if args.dataset == "synthetic":
             n_train, n_test = args.synthetic_size
             transform = transforms.Compose(augmentation()) if train else None
@@ -49,7 +65,46 @@ class CifarData:
         return _torchvision_cifar(args.dataset, Path(args.data_dir), train, transform)
 
 
-def _image_folder(root: Path, transform: transforms.Compose) -> tuple[Dataset, int]:
+def load_tensors(args: argparse.Namespace, train: bool) -> TensorImages:
+    """The split `-ds` selects decoded into one tensor (uint8 images; generated ones are float),
+    with the paper's augmentation for training."""
+    augment = CropFlipRotate(IMAGE_SIZE, padding=4, degrees=15) if train else None
+    if args.dataset == "synthetic":
+        n_train, n_test = args.synthetic_size
+        data = SyntheticImages(n_train if train else n_test, SYNTHETIC_CLASSES, IMAGE_SIZE,
+                               offset=0 if train else n_train)
+        images = torch.stack([data[i][0] for i in range(len(data))])
+        labels = torch.tensor([data[i][1] for i in range(len(data))])
+        return TensorImages(images, labels, [0.0] * 3, [1.0] * 3, SYNTHETIC_CLASSES, augment)
+    if args.dataset == "folder":
+        folder, classes = _image_folder(Path(args.data_dir) / ("train" if train else "test"),
+                                        _exact_size_uint8)
+        images, labels = _decode_all(folder, args.workers)
+    else:
+        cifar, classes = _torchvision_cifar(args.dataset, Path(args.data_dir), train, None)
+        images = torch.from_numpy(np.ascontiguousarray(cifar.data.transpose(0, 3, 1, 2)))
+        labels = torch.tensor(cifar.targets)
+    mean, std = NORMALIZATION[args.dataset]
+    return TensorImages(images, labels, mean, std, classes, augment)
+
+
+def _exact_size_uint8(image: Image.Image) -> torch.Tensor:
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        name = getattr(image, "filename", "an image")
+        raise DataError(f"--loader device needs {IMAGE_SIZE}x{IMAGE_SIZE} images, {name} is "
+                        f"{image.size[0]}x{image.size[1]}; use --loader pil")
+    return pil_to_tensor(image)
+
+
+def _decode_all(folder: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (image, label) of `folder`, decoded by `workers` processes, stacked."""
+    loader = DataLoader(SeededSamples(folder, None), batch_size=512, num_workers=workers)
+    with loader_batches(loader) as batches:
+        parts = list(batches)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _image_folder(root: Path, transform: Callable) -> tuple[Dataset, int]:
     if not root.is_dir():
         raise UsageError(f"-ds folder needs an ImageFolder tree {root}/<class>/<image>, "
                          f"which does not exist")
@@ -60,7 +115,7 @@ def _image_folder(root: Path, transform: transforms.Compose) -> tuple[Dataset, i
     return data, len(data.classes)
 
 
-def _torchvision_cifar(name: str, root: Path, train: bool, transform: transforms.Compose
+def _torchvision_cifar(name: str, root: Path, train: bool, transform: transforms.Compose | None
                        ) -> tuple[Dataset, int]:
     cls = datasets.CIFAR100 if name == "cifar100" else datasets.CIFAR10
     try:

@@ -29,5 +29,11 @@ NORMALIZATION = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The CIFAR training command line (defaults: the paper's CIFAR-100 recipe)."""
-    return engine_args_parser(
+    parser = engine_args_parser(
         CIFAR_RECIPE, "Train a CIFAR classifier, plain, MimicNorm (_cbn) or unnormalised (_nobn).")
+    parser.add_argument("--loader", choices=("auto", "pil", "device"), default="auto",
+                        help="'pil': decode and augment image by image in -j worker processes; "
+                             "'device': decode the split once into a tensor on the training "
+                             "device and augment whole batches there (32x32 images only); "
+                             "'auto': device when training on a GPU, else pil")
+    return parser

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset  # noqa: E402
 import training  # noqa: E402
 from ImageNet.data_loader import default_val_resize, load_split  # noqa: E402
 from ImageNet.lmdb_format import LMDBFormatError  # noqa: E402
-from ImageNet.utils import get_args_parser, scale_lr  # noqa: E402
+from ImageNet.utils import IMAGENET_RECIPE, get_args_parser  # noqa: E402
 
 SYNTHETIC_CLASSES = 1000
 
@@ -26,7 +26,7 @@ SYNTHETIC_CLASSES = 1000
 class ImageNetData:
     """The ImageNet entry point's `training.DataSource`."""
 
-    family = "imagenet"
+    recipe = IMAGENET_RECIPE
 
     def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, int]:
         """The split `-ds` selects and its number of classes; bad data raises UsageError."""
@@ -45,9 +45,7 @@ class ImageNetData:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv), train or evaluate; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
-    scale_lr(args, argv)
     return training.main(args, ImageNetData())
 
 

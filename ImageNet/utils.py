@@ -12,7 +12,8 @@ IMAGENET_RECIPE = Recipe(
     datasets=("lmdb", "folder", "synthetic"),
     data_dir=str(Path(__file__).resolve().parent / "data"),
     batch_size=256,
-    lr=0.1,  # for batch 256; scaled linearly with -b unless -lr is given
+    lr=0.1,  # for a global batch of 256, scaled linearly (lr_batch) unless -lr is given
+    lr_batch=256,
     weight_decay=1e-4,
     epochs=90,
     milestones=(30, 60, 85),
@@ -27,10 +28,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = engine_args_parser(
         IMAGENET_RECIPE, "Train an ImageNet classifier, plain, MimicNorm (_cbn) or unnormalised (_nobn).")
     add_data_arguments(parser)
+    parser.set_defaults(loader="pil")  # images are decoded and augmented in DataLoader workers
     return parser
 
-
-def scale_lr(args: argparse.Namespace, argv: list[str]) -> None:
-    """Apply the recipe's linear rule lr = 0.1 * batch / 256 unless -lr was given explicitly."""
-    if not any(a in ("-lr", "--lr") or a.startswith("--lr=") for a in argv):
-        args.lr = IMAGENET_RECIPE.lr * args.batch_size / 256

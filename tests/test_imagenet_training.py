@@ -7,11 +7,14 @@ from pathlib import Path
 
 import lmdb
 import pytest
+import torch
 
 from ImageNet import folder2lmdb
 from ImageNet.lmdb_format import record_key
 from ImageNet.main import main
-from ImageNet.utils import get_args_parser, scale_lr
+from ImageNet.utils import IMAGENET_RECIPE, get_args_parser
+from training import Runtime
+from training.runner import resolve_defaults
 from tests.test_imagenet_lmdb import make_image_folder
 
 COMMON = ["--image-size", "32", "--val-resize", "36", "-b", "4", "-j", "0", "--gpu", "-1",
@@ -50,11 +53,19 @@ def test_missing_data_is_one_line(tmp_path: Path, capsys) -> None:
     assert err.startswith("error:") and "\n" not in err
 
 
-@pytest.mark.parametrize("argv, lr", [(["-b", "64"], 0.025), (["-b", "512"], 0.2),
-                                      (["-b", "64", "-lr", "0.3"], 0.3)])
-def test_lr_scales_with_batch_unless_given(argv: list[str], lr: float) -> None:
+@pytest.mark.parametrize("argv, processes, device_ids, lr", [
+    (["-b", "32"], 2, [], 0.025),  # torchrun: the global batch is 2 x 32
+    (["-b", "32"], 8, [], 0.1),  # the README's 8 x 32 trains at the paper's lr
+    (["-b", "64"], 1, [0, 1], 0.025),  # DataParallel splits one batch of 64
+    (["-b", "512"], 1, [], 0.2),
+    (["-b", "32", "-lr", "0.2"], 2, [], 0.2),  # an explicit -lr always wins
+    (["-b", "32", "--l", "0.2"], 2, [], 0.2),  # argparse's abbreviation too
+])
+def test_lr_follows_the_global_batch_unless_given(argv: list[str], processes: int,
+                                                  device_ids: list[int], lr: float) -> None:
     args = get_args_parser().parse_args(["-a", "resnet18", *argv])
-    scale_lr(args, argv)
+    rt = Runtime(torch.device("cpu"), device_ids, world_size=processes, distributed=processes > 1)
+    resolve_defaults(args, IMAGENET_RECIPE, rt)
     assert args.lr == pytest.approx(lr)
 
 

@@ -417,17 +417,18 @@ def test_augmentation_depends_on_seed_epoch_and_index_only():
     from torchvision import transforms
     base = training.SyntheticImages(8, 2, 8, transform=transforms.RandomCrop(8, padding=4))
     data = training.SeededSamples(base, seed=3)
-    forward = [data[i][0] for i in range(8)]
-    backward = [data[i][0] for i in reversed(range(8))][::-1]
+    forward = [data[0, i][0] for i in range(8)]
+    backward = [data[0, i][0] for i in reversed(range(8))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
-    data.set_epoch(1)
-    assert not all(torch.equal(a, data[i][0]) for i, a in enumerate(forward))
+    assert all(torch.equal(a, data[i][0]) for i, a in enumerate(forward))  # a plain index: epoch 0
+    assert not all(torch.equal(a, data[1, i][0]) for i, a in enumerate(forward))
 
 
 def test_sampler_skips_whole_batches_of_the_same_order():
     sampler = training.ResumableSampler(range(20), batch_size=3, num_replicas=1, rank=0, seed=5)
     sampler.set_epoch(4)
     full = list(sampler)
+    assert {epoch for epoch, _ in full} == {4} and sorted(i for _, i in full) == list(range(20))
     sampler.set_epoch(4, skip=2)
     assert list(sampler) == full[6:] and len(sampler) == 14
 

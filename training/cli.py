@@ -23,6 +23,7 @@ class Recipe:
     milestones: tuple[int, ...]
     gamma: float = 0.1
     warm: int = 2
+    lr_batch: int | None = None  # lr is for this global batch and scales linearly; None: fixed
     momentum: float = 0.9
     workers: int = 4
     synthetic_size: tuple[int, int] = (5000, 1000)
@@ -93,8 +94,10 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
     optim.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size,
                        help="images per optimizer step in each process (per process under "
                             "torchrun, split across GPUs under DataParallel)")
-    optim.add_argument("-lr", "--lr", type=positive_float, default=recipe.lr,
-                       help="peak learning rate (SGD)")
+    optim.add_argument("-lr", "--lr", type=positive_float, default=None,
+                       help=f"peak learning rate (SGD); default {recipe.lr:g}"
+                            + (f" x global batch / {recipe.lr_batch} (global batch: -b x "
+                               "torchrun processes)" if recipe.lr_batch else ""))
     optim.add_argument("-wd", "--weight-decay", type=non_negative_float,
                        default=recipe.weight_decay, help="weight decay of every parameter")
     optim.add_argument("--momentum", type=non_negative_float, default=recipe.momentum,
@@ -141,8 +144,10 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
     device.add_argument("--gpu", nargs="+", type=int, default=None, metavar="ID",
                         help="GPU ids to use (default: all visible; several use DataParallel, "
                              "under torchrun process r uses the r-th); -1 forces the CPU")
-    device.add_argument("--amp", action="store_true",
-                        help="bfloat16 autocast (the last BN stays in float32)")
+    device.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"), default=None,
+                        help="mixed precision: bf16 autocast (plain --amp), or fp16 autocast "
+                             "with a gradient scaler, the fast kind on V100/RTX 20xx-class GPUs; "
+                             "the last BN stays in float32")
     device.add_argument("--channels-last", action="store_true",
                         help="channels_last memory format for model and images")
     device.add_argument("--compile", action="store_true",
@@ -164,6 +169,14 @@ def check_args(args: argparse.Namespace) -> None:
                          "last BN")
     if args.gpu is not None and -1 in args.gpu and len(args.gpu) > 1:
         raise UsageError(f"--gpu -1 (CPU) cannot be combined with GPU ids, got {args.gpu}")
+
+
+def default_lr(recipe: Recipe, batch_size: int, processes: int) -> float:
+    """The recipe's learning rate for `batch_size` images per step in each of `processes`
+    (DataParallel splits one batch, so it counts as one process)."""
+    if recipe.lr_batch is None:
+        return recipe.lr
+    return recipe.lr * batch_size * processes / recipe.lr_batch
 
 
 def args_to_dict(args: argparse.Namespace) -> dict:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import signal
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from PIL import UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from .cli import Recipe
+from .device_loader import DeviceLoader, TensorImages
 from .distributed import Runtime
 from .errors import UNKNOWN_IMAGE_FORMAT, DataError, UsageError
 
@@ -17,7 +19,7 @@ from .errors import UNKNOWN_IMAGE_FORMAT, DataError, UsageError
 class DataSource(Protocol):
     """A dataset family as the runner sees it (CIFAR, ImageNet)."""
 
-    family: str  # model registry family and weight-mean rule: "cifar" or "imagenet"
+    recipe: Recipe  # the command line's defaults; its family picks models and weight-mean rule
 
     def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, int]:
         """The training or test split selected by `args` and its number of classes."""
@@ -59,26 +61,27 @@ class SeededSamples(Dataset):
     """`dataset` whose sample i of epoch e is augmented with its own seed f(seed, e, i).
 
     Augmentation then depends neither on the number of workers nor on which samples came before,
-    so a run resumed mid-epoch sees exactly the images an uninterrupted one would. With `seed`
-    None the torch generator is left alone (test sets). Either way a sample that cannot be read
-    raises DataError naming it, instead of a worker traceback.
+    so a run resumed mid-epoch sees exactly the images an uninterrupted one would. Keys are
+    `(epoch, index)` pairs (what `ResumableSampler` yields), so the epoch reaches persistent
+    workers too; a plain index means epoch 0. With `seed` None the generator is left alone (test
+    sets). Either way a sample that cannot be read raises DataError naming it, instead of a worker
+    traceback.
     """
 
     def __init__(self, dataset: Dataset, seed: int | None) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Seed the next epoch's augmentation (workers copy the dataset when an epoch starts)."""
-        self.epoch = epoch
-
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         if self.seed is None:
             return self._read(index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index) % 2**63)
+            # Only the CPU generator, which the transforms draw from: torch.manual_seed would also
+            # queue a CUDA seed, a slow path (stack capture) inside the workers of a CUDA build.
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self._read(index)
 
     def _read(self, index: int) -> Any:
@@ -93,13 +96,19 @@ class SeededSamples(Dataset):
             raise DataError(f"cannot read {_sample_name(self.dataset, index)}: {e}") from None
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample `index` in `epoch` of a run seeded with `seed`."""
+    return ((seed * 1_000_003 + epoch) * 100_000_007 + index) % 2**63
+
+
 def _sample_name(dataset: Dataset, index: int) -> str:
     samples = getattr(dataset, "samples", None)  # ImageFolder's (path, label) list
     return str(samples[index][0]) if samples is not None else f"sample {index}"
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch `skip` batches in (resuming mid-epoch)."""
+    """DistributedSampler that yields `(epoch, index)` keys and can start an epoch `skip` batches
+    in (resuming mid-epoch)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
@@ -109,11 +118,10 @@ class ResumableSampler(DistributedSampler):
         """Order of `epoch` (a pure function of seed and epoch), minus its first `skip` batches."""
         super().set_epoch(epoch)
         self.skip = skip
-        if isinstance(self.dataset, SeededSamples):
-            self.dataset.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.skip * self.batch_size:])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(super().__iter__())[self.skip * self.batch_size:]
+        return iter([(self.epoch, index) for index in order])
 
     def __len__(self) -> int:
         return max(self.num_samples - self.skip * self.batch_size, 0)
@@ -127,25 +135,33 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def build_loaders(train_set: Dataset | None, test_set: Dataset, args: argparse.Namespace,
-                  rt: Runtime) -> tuple[DataLoader | None, DataLoader]:
+                  rt: Runtime) -> tuple[Iterable | None, Iterable]:
     """Training loader (shuffled by a ResumableSampler seeded with `--seed`, call its `set_epoch`;
     incomplete last batches dropped) and test loader (every process its own 1/world shard).
 
-    Loaders draw worker seeds from their own generator, never from the global one, so the model's
-    random stream (dropout) is the same whether or not a run was resumed.
+    A `TensorImages` split gets a `DeviceLoader` on the training device, any other dataset a
+    DataLoader with persistent workers. DataLoaders draw worker seeds from their own generator,
+    never from the global one, so the model's random stream (dropout) is the same whether or not
+    a run was resumed.
     """
-    pin = rt.device.type == "cuda"
-    common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin,
-                  worker_init_fn=_ignore_stop_signals,
-                  generator=torch.Generator().manual_seed(args.seed))
     train_loader = None
     if train_set is not None:
-        train_set = SeededSamples(train_set, args.seed)
         sampler = ResumableSampler(train_set, args.batch_size, num_replicas=rt.world_size,
                                    rank=rt.rank, shuffle=True, seed=args.seed)
-        train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, **common)
+        train_loader = _loader(train_set, sampler, args.seed, True, args, rt)
         if len(train_loader) == 0:
             raise UsageError(f"the training set has {len(train_set)} images, fewer than one batch "
                              f"of {args.batch_size} in each of {rt.world_size} process(es)")
-    shard = Subset(SeededSamples(test_set, None), range(rt.rank, len(test_set), rt.world_size))
-    return train_loader, DataLoader(shard, shuffle=False, **common)
+    shard = range(rt.rank, len(test_set), rt.world_size)
+    return train_loader, _loader(test_set, shard, None, False, args, rt)
+
+
+def _loader(data: Dataset, sampler: Sampler | range, seed: int | None, drop_last: bool,
+            args: argparse.Namespace, rt: Runtime) -> Iterable:
+    if isinstance(data, TensorImages):
+        return DeviceLoader(data.to(rt.device), args.batch_size, sampler, seed, drop_last)
+    return DataLoader(SeededSamples(data, seed), batch_size=args.batch_size, sampler=sampler,
+                      drop_last=drop_last, num_workers=args.workers,
+                      pin_memory=rt.device.type == "cuda", persistent_workers=args.workers > 0,
+                      worker_init_fn=_ignore_stop_signals,
+                      generator=torch.Generator().manual_seed(args.seed))

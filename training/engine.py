@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -26,6 +27,15 @@ def correct_topk(output: torch.Tensor, target: torch.Tensor, ks: Iterable[int]
     return [hits[:, :k].sum() for k in ks]
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str | None) -> torch.autocast:
+    """Mixed precision for `--amp bf16|fp16` (None: off)."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16),
+                          enabled=amp is not None)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -38,9 +48,25 @@ def _batch_to(images: torch.Tensor, target: torch.Tensor, device: torch.device,
     return images, target.to(device, non_blocking=True)
 
 
+def shutdown_workers(loader: Iterable, iterator: Iterator | None = None) -> None:
+    """Stop the worker processes of `loader` (or of its `iterator`), persistent ones included.
+
+    torch has no public close(): the multi-process iterator's `_shutdown_workers` is what it calls
+    itself at the end of an epoch; a DataLoader with persistent workers keeps that iterator in
+    `_iterator` and would reuse it.
+    """
+    iterator = iterator if iterator is not None else getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    if getattr(loader, "_iterator", None) is iterator:
+        loader._iterator = None
+
+
 @contextmanager
 def loader_batches(loader: Iterable) -> Iterator[Iterator[Any]]:
-    """Iterate `loader` and shut its worker processes down however the loop ends.
+    """Iterate `loader`; shut its worker processes down when the loop ends, except persistent
+    workers after a normal end (they serve the next epoch; see `shutdown_workers`).
 
     A loop left by an exception (a bad sample, a divergence, an abort) would otherwise keep the
     iterator alive in the traceback, and at interpreter exit multiprocessing would wait forever
@@ -49,10 +75,11 @@ def loader_batches(loader: Iterable) -> Iterator[Iterator[Any]]:
     iterator = iter(loader)
     try:
         yield iterator
-    finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # DataLoader's multi-process iter
-        if shutdown is not None:
-            shutdown()
+    except BaseException:
+        shutdown_workers(loader, iterator)
+        raise
+    if not getattr(loader, "persistent_workers", False):
+        shutdown_workers(loader, iterator)
 
 
 @dataclass
@@ -78,11 +105,14 @@ AfterStep = Callable[[EpochState, torch.Tensor, float], bool]
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer,
                     scheduler: LRScheduler, loader: Iterable, device: torch.device,
                     state: EpochState, *, project: Callable[[], None] | None = None,
-                    after_step: AfterStep | None = None, amp: bool = False,
-                    channels_last: bool = False, progress: bool = False, desc: str = "train"
-                    ) -> dict[str, float]:
+                    after_step: AfterStep | None = None, amp: str | None = None,
+                    scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
+                    progress: bool = False, desc: str = "train") -> dict[str, float]:
     """Run the rest of `state`'s epoch over `loader`: forward, backward, step, weight-mean
     `project`, per-iteration lr step, then `after_step` (which may stop the epoch early).
+
+    With a `scaler` (float16) the loss is scaled before backward and a step whose gradients are
+    not finite is skipped, as GradScaler does; the loss itself stays what `after_step` checks.
 
     `state` is updated as steps complete. Returns loss and top-1 (%) over all processes, the last
     step's lr, the images of all processes and this process's seconds.
@@ -97,16 +127,24 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
     with loader_batches(loader) as batches:
         for images, target in itertools.islice(batches, state.steps - state.step):
             images, target = _batch_to(images, target, device, channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 output = model(images)
                 loss = criterion(output, target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             if project is not None:
                 project()
             lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            with warnings.catch_warnings():
+                # A step the fp16 scaler skipped still advances the per-iteration schedule.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                scheduler.step()
             n = target.shape[0]
             correct = correct_topk(output, target, [1])[0]
             state.totals += torch.stack([loss.detach().double() * n, correct.double(),
@@ -129,7 +167,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device: torch.device, *,
-             amp: bool = False, channels_last: bool = False, progress: bool = False,
+             amp: str | None = None, channels_last: bool = False, progress: bool = False,
              desc: str = "test") -> dict[str, float]:
     """Loss, top-1 and top-5 (%) of `model` in eval mode over `loader`, summed over processes."""
     model.eval()
@@ -138,7 +176,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
         for images, target in tqdm(batches, total=len(loader), desc=desc, disable=not progress,
                                    leave=False, dynamic_ncols=True):
             images, target = _batch_to(images, target, device, channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 output = model(images)
                 loss = criterion(output, target)
             n = target.shape[0]

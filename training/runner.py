@@ -18,11 +18,11 @@ from torch.utils.data import Dataset
 import models
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointSaver, load_checkpoint
-from .cli import args_to_dict, check_args
+from .cli import Recipe, args_to_dict, check_args, default_lr
 from .data import DataSource, build_loaders
 from .distributed import (Runtime, all_reduce_sum, broadcast_buffers, cleanup, gather_objects,
                           main_process_first, setup_runtime, sync_last_bn_, wrap_model)
-from .engine import EpochState, evaluate, train_one_epoch
+from .engine import EpochState, evaluate, shutdown_workers, train_one_epoch
 from .errors import RunError, RunInterrupted, TrainingDiverged, UsageError
 from .guard import StopSignals, StepGuard
 from .logger import CsvLog, format_row, peak_memory_mb, reset_peak_memory
@@ -68,6 +68,7 @@ def run(args: argparse.Namespace, data: DataSource) -> RunResult:
     with deterministic_algorithms(args.deterministic):
         rt = setup_runtime(args.gpu)
         try:
+            resolve_defaults(args, data.recipe, rt)
             if args.compile and len(rt.device_ids) > 1 and not rt.distributed:
                 raise UsageError("--compile does not work with DataParallel; launch one process "
                                  "per GPU with torchrun instead")
@@ -78,6 +79,15 @@ def run(args: argparse.Namespace, data: DataSource) -> RunResult:
             return _train(args, data, rt)
         finally:
             cleanup()
+
+
+def resolve_defaults(args: argparse.Namespace, recipe: Recipe, rt: Runtime) -> None:
+    """Fill in, in `args`, the defaults that depend on this run's devices and processes: the learning rate
+    (the recipe's rule on the global batch) and `--loader auto`."""
+    if args.lr is None:
+        args.lr = default_lr(recipe, args.batch_size, rt.world_size)
+    if args.loader == "auto":
+        args.loader = "device" if rt.device.type == "cuda" else "pil"
 
 
 def _say(rt: Runtime, message: str) -> None:
@@ -94,7 +104,7 @@ def _load_split(args: argparse.Namespace, data: DataSource, rt: Runtime, train: 
 def _build_net(args: argparse.Namespace, data: DataSource, rt: Runtime, num_classes: int
                ) -> nn.Module:
     seed_everything(args.seed)  # the same initial weights in every process
-    net = models.create_model(args.arch, num_classes, data.family)
+    net = models.create_model(args.arch, num_classes, data.recipe.family)
     if args.sync_lastbn and rt.distributed:
         sync_last_bn_(net)
     fmt = torch.channels_last if args.channels_last else torch.preserve_format
@@ -117,9 +127,12 @@ def _evaluate_checkpoint(args: argparse.Namespace, data: DataSource, rt: Runtime
     net.load_state_dict(ckpt["model"])
     model = net if rt.distributed else wrap_model(net, rt)  # DDP adds nothing to evaluation
     _, test_loader = build_loaders(None, test_set, args, rt)
-    stats = evaluate(torch.compile(model) if args.compile else model, nn.CrossEntropyLoss(),
-                     test_loader, rt.device, amp=args.amp, channels_last=args.channels_last,
-                     progress=_progress(args, rt))
+    try:
+        stats = evaluate(torch.compile(model) if args.compile else model, nn.CrossEntropyLoss(),
+                         test_loader, rt.device, amp=args.amp, channels_last=args.channels_last,
+                         progress=_progress(args, rt))
+    finally:
+        shutdown_workers(test_loader)
     _say(rt, f"{args.resume} (epoch {ckpt['epoch']}) on {len(test_set)} {args.dataset} test "
              f"images: loss {stats['loss']:.4f} top-1 {stats['acc1']:.2f}% "
              f"top-5 {stats['acc5']:.2f}%")
@@ -193,9 +206,10 @@ class _Training:
                                          momentum=args.momentum, weight_decay=args.weight_decay)
         self.scheduler = WarmupMultiStepLR(self.optimizer, self.steps, args.warm,
                                            args.milestones, args.gamma)
+        self.scaler = torch.amp.GradScaler(rt.device.type) if args.amp == "fp16" else None
         self.project = None
         if args.weight == "mean":
-            self.project = models.WeightMean(self.net, models.centring_rule(data.family))
+            self.project = models.WeightMean(self.net, models.centring_rule(data.recipe.family))
         self.best_acc1: float | None = None
         self.saver = CheckpointSaver(self.run_dir, args.keep_recovery) if rt.is_main else None
         self.last_saved: str | None = None  # what a failure message points the user to
@@ -215,6 +229,8 @@ class _Training:
                 f"{self.steps} steps per epoch and {rt.world_size} process(es): resume with the "
                 "same batch size and process count (only epoch-end checkpoints can change them)")
         _restore(ckpt, self.args, rt, self.net, self.optimizer, self.scheduler)
+        if self.scaler is not None and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
         # Weights saved by a --weight mean run are centred already; centring again would only add
         # rounding noise and break exact resumption.
         if self.project is not None and ckpt["args"].get("weight") != "mean":
@@ -251,7 +267,7 @@ class _Training:
             "best_acc1": self.best_acc1,
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": None,  # bfloat16 autocast needs no loss scaling; slot kept for fp16
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng, "args": args_to_dict(args),
         }
         global_step = state.epoch * self.steps + state.step
@@ -265,7 +281,7 @@ class _Training:
                 else "no checkpoint had been written")
         twin = f"{models.split_model_name(self.args.arch)[0]}_cbn"
         advice = f"lower -lr (it is {self.args.lr:g})"
-        if not self.args.arch.endswith("_cbn") and twin in models.list_models(self.data.family):
+        if not self.args.arch.endswith("_cbn") and twin in models.list_models(self.data.recipe.family):
             advice += f" or train the MimicNorm twin: -a {twin} --weight mean"
         return f"{kept}; {advice}"
 
@@ -281,6 +297,16 @@ def _all_finite(net: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
 
 def _train(args: argparse.Namespace, data: DataSource, rt: Runtime) -> RunResult:
     t = _Training(args, data, rt)
+    try:
+        return _fit(t)
+    finally:  # persistent data workers outlive epochs, not the run
+        shutdown_workers(t.train_loader)
+        shutdown_workers(t.test_loader)
+
+
+def _fit(t: _Training) -> RunResult:
+    """Train `t` from its resume point to the last epoch, evaluating and saving at epoch ends."""
+    args, rt = t.args, t.rt
     state = t.resume_point()
     net, run_dir = t.net, t.run_dir
     train_model = wrap_model(net, rt)
@@ -311,7 +337,7 @@ def _train(args: argparse.Namespace, data: DataSource, rt: Runtime) -> RunResult
             epoch_start = time.perf_counter() - state.seconds
             train = train_one_epoch(train_model, criterion, t.optimizer, t.scheduler,
                                     t.train_loader, rt.device, state, project=t.project,
-                                    after_step=guard, amp=args.amp,
+                                    after_step=guard, amp=args.amp, scaler=t.scaler,
                                     channels_last=args.channels_last, progress=progress,
                                     desc=f"epoch {epoch + 1}/{args.epochs}")
             if not state.done:
