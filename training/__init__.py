@@ -6,6 +6,7 @@
 from .checkpoint import CheckpointSaver, load_checkpoint, save_atomic
 from .cli import Recipe, args_to_dict, check_args, get_args_parser
 from .data import DataSource, ResumableSampler, SeededSamples, SyntheticImages, build_loaders
+from .device_loader import CropFlipRotate, DeviceLoader, TensorImages
 from .distributed import Runtime, SyncedBatchNorm1d, setup_runtime, sync_last_bn_, wrap_model
 from .engine import EpochState, correct_topk, evaluate, train_one_epoch
 from .errors import DataError, RunError, RunInterrupted, TrainingDiverged, UsageError
@@ -17,9 +18,11 @@ from .schedule import WarmupMultiStepLR, lr_factor
 __all__ = [
     "LOG_COLUMNS",
     "CheckpointSaver",
+    "CropFlipRotate",
     "CsvLog",
     "DataError",
     "DataSource",
+    "DeviceLoader",
     "EpochState",
     "Recipe",
     "ResumableSampler",
@@ -32,6 +35,7 @@ __all__ = [
     "StopSignals",
     "SyncedBatchNorm1d",
     "SyntheticImages",
+    "TensorImages",
     "TrainingDiverged",
     "UsageError",
     "WarmupMultiStepLR",

@@ -82,8 +82,8 @@ def run(args: argparse.Namespace, data: DataSource) -> RunResult:
 
 
 def resolve_defaults(args: argparse.Namespace, recipe: Recipe, rt: Runtime) -> None:
-    """Fill in, in `args`, the defaults that depend on this run's devices and processes: the learning rate
-    (the recipe's rule on the global batch) and `--loader auto`."""
+    """Fill in, in `args`, the defaults that depend on this run's devices and processes: the
+    learning rate (the recipe's rule on the global batch) and `--loader auto`."""
     if args.lr is None:
         args.lr = default_lr(recipe, args.batch_size, rt.world_size)
     if args.loader == "auto":
@@ -281,7 +281,8 @@ class _Training:
                 else "no checkpoint had been written")
         twin = f"{models.split_model_name(self.args.arch)[0]}_cbn"
         advice = f"lower -lr (it is {self.args.lr:g})"
-        if not self.args.arch.endswith("_cbn") and twin in models.list_models(self.data.recipe.family):
+        family = self.data.recipe.family
+        if not self.args.arch.endswith("_cbn") and twin in models.list_models(family):
             advice += f" or train the MimicNorm twin: -a {twin} --weight mean"
         return f"{kept}; {advice}"
 
