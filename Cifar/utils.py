@@ -1,4 +1,4 @@
-"""The CIFAR-100 recipe of the paper (METHOD.md section 3) as command-line defaults."""
+"""The CIFAR-100 recipe of the paper (the authors' reference code) as command-line defaults."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""The ImageNet recipe of the paper (METHOD.md section 3) as command-line defaults."""
+"""The ImageNet recipe of the paper (the authors' reference code) as command-line defaults."""
 from __future__ import annotations
 
 import argparse

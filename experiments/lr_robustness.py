@@ -1,4 +1,4 @@
-"""Learning-rate robustness and ablation of MimicNorm (METHOD.md section 4), at any size.
+"""Learning-rate robustness and ablation of MimicNorm (the paper's learning-rate table), at any size.
 
 Trains, through the CIFAR entry point (`Cifar/main.py`, one engine run per cell), every variant at
 every learning rate, records the best test top-1 of each run and the test accuracy by epoch:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.memory import markdown_table  # noqa: E402
 
 PAPER_ARCHS = ("vgg11", "vgg16", "resnet18", "resnet50", "squeezenet", "shufflenetv2")
-# METHOD.md / paper Table 1: training memory (MB, nvidia-smi, one RTX 2080 Ti, CIFAR-100).
+# The paper's Table 1: training memory (MB, nvidia-smi, one RTX 2080 Ti, CIFAR-100).
 PAPER_MEMORY_MB = {"vgg11": (2971, 2851), "vgg16": (3745, 3489), "resnet18": (4447, 4157),
                    "resnet50": (8533, 7533), "squeezenet": (3687, 2693),
                    "shufflenetv2": (3915, 3141)}

@@ -1,4 +1,4 @@
-"""Every registered model in its three variants, and the ResNet/VGG details METHOD.md fixes.
+"""Every registered model in its three variants, and the ResNet/VGG details of the reference code.
 
 Generic tests parametrise over `models.list_models(dataset)`, so architectures registered later are
 covered without editing this file. Each model is built once (module-scoped fixture) and shared by
