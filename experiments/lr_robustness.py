@@ -10,7 +10,7 @@ every learning rate, records the best test top-1 of each run and the test accura
     BN               <arch>
 
 The default is the CPU size (about 15 minutes on 2 cores): VGG-16 at a quarter of its conv widths
-on a fixed class-balanced subset of the real CIFAR-10 images (the first 200 training and 100 test
+on a fixed class-balanced subset of the real CIFAR-10 images in --source (the first 200 training and 100 test
 images of each class, sorted by file name), 5 epochs. The paper's size (VGG-16, all of CIFAR-100,
 10 epochs, batch 256) on a GPU:
 
@@ -38,7 +38,6 @@ from Cifar.main import main as cifar_main
 from models.vgg import CONFIGS, VGG
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # variant -> (model-name suffix, --weight)
 VARIANTS = {
     "None": ("_nobn", "none"),
@@ -252,8 +251,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("folder", "cifar10", "cifar100"), default="folder",
                    help="folder: a class-balanced subset of --source; cifar10/100: torchvision's "
                         "files in --data-dir, all images")
-    p.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
-                   help="ImageFolder root with train/ and test/, or a .tar.gz holding one")
+    p.add_argument("--source", type=Path, default=None,
+                   help="ImageFolder root with train/ and test/, or a .tar.gz holding one "
+                        "(needed with --dataset folder)")
     p.add_argument("--data-dir", type=Path, default=REPO / "Cifar" / "data",
                    help="torchvision CIFAR files (with --dataset cifar10/cifar100)")
     p.add_argument("--train-per-class", type=int, default=200, help="0: all (--dataset folder)")
@@ -271,6 +271,8 @@ def main(args: argparse.Namespace) -> list[dict[str, object]]:
     """Train every run, then write the tables and the plot; returns the per-epoch records."""
     if args.ablation_lr not in args.lrs:
         raise SystemExit(f"--ablation-lr {args.ablation_lr} must be one of --lrs {args.lrs}")
+    if args.dataset == "folder" and args.source is None:
+        raise SystemExit("--dataset folder needs --source: an ImageFolder tree or its .tar.gz")
     arch = register_reduced_vgg(args.arch, args.width_divisor)
     key = settings_key(args, arch)
     if args.dataset == "folder":
