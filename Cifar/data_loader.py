@@ -73,8 +73,9 @@ def load_tensors(args: argparse.Namespace, train: bool) -> TensorImages:
         n_train, n_test = args.synthetic_size
         data = SyntheticImages(n_train if train else n_test, SYNTHETIC_CLASSES, IMAGE_SIZE,
                                offset=0 if train else n_train)
-        images = torch.stack([data[i][0] for i in range(len(data))])
-        labels = torch.tensor([data[i][1] for i in range(len(data))])
+        pairs = [data[i] for i in range(len(data))]
+        images = torch.stack([image for image, _ in pairs])
+        labels = torch.tensor([label for _, label in pairs])
         return TensorImages(images, labels, [0.0] * 3, [1.0] * 3, SYNTHETIC_CLASSES, augment)
     if args.dataset == "folder":
         folder, classes = _image_folder(Path(args.data_dir) / ("train" if train else "test"),
