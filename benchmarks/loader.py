@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 import models
 from Cifar.data_loader import CifarData, load_tensors
 from Cifar.utils import get_args_parser as cifar_args_parser
-from benchmarks.memory import markdown_table
+from experiments.tables import markdown_table, write_table
 from training import ResumableSampler, Runtime, SeededSamples, build_loaders
 from training.data import sample_seed
 from training.device_loader import TensorImages
@@ -183,15 +183,11 @@ def main(args: argparse.Namespace) -> list[dict[str, object]]:
                f"with {max(args.workers)} workers: {decode:.1f} s; torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average at the "
                f"end {os.getloadavg()[0]:.1f}")
-    text = f"{caption}\n\n{markdown_table(rows)}\n"
-    print("\n" + text)
+    frame = pd.DataFrame(rows)
+    print(f"\n{caption}\n\n{markdown_table(frame)}\n")
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(args.out_dir / "loader.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (args.out_dir / "loader.md").write_text(text)
+        write_table(frame, args.out_dir / "loader", caption)
     return rows
 
 

@@ -26,7 +26,6 @@ and measures
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import statistics
@@ -37,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import pandas as pd
 import torch
 from torch import nn
 
 import models
+from experiments.tables import markdown_table, write_table
 
 VARIANTS = ("plain", "cbn", "nobn", "limit")
 SUFFIX = {"plain": "", "cbn": "_cbn", "nobn": "_nobn", "limit": ""}
@@ -254,21 +255,6 @@ def summary(rows: dict[str, Row]) -> dict[str, object]:
     }
 
 
-def format_value(value: object) -> str:
-    """Numbers with 3 significant decimals, MiB and ms with 1; text as is."""
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value)
-
-
-def markdown_table(table: list[dict[str, object]]) -> str:
-    """`table` as a GitHub markdown table."""
-    header = list(table[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(format_value(row[k]) for k in header) + " |" for row in table]
-    return "\n".join(lines)
-
-
 def plot_ratios(table: list[dict[str, object]], path: Path, title: str) -> None:
     """Grouped bars per architecture: saved-bytes, peak and step-time ratios of cbn to plain."""
     import matplotlib
@@ -331,17 +317,14 @@ def main(args: argparse.Namespace) -> list[dict[str, object]]:
     for arch in archs:
         table.append(summary(benchmark_arch(arch, args)))
         print(markdown_table(table[-1:]).splitlines()[-1], flush=True)
+    frame = pd.DataFrame(table)
     caption = settings_line(args)
-    text = f"{caption}\n\n{markdown_table(table)}\n"
+    text = f"{caption}\n\n{markdown_table(frame)}\n"
     print("\n" + text)
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         stem = args.out_dir / (args.name or f"memory_{args.dataset}")
-        with open(stem.with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-        stem.with_suffix(".md").write_text(text)
+        write_table(frame, stem, caption)
         plot_ratios(table, stem.with_suffix(".png"), caption)
     return table
 

@@ -9,33 +9,31 @@ every learning rate, records the best test top-1 of each run and the test accura
     MimicNorm        <arch>_cbn --weight mean
     BN               <arch>
 
-The default is the CPU size (about 15 minutes on 2 cores): VGG-16 at a quarter of its conv widths
-on a fixed class-balanced subset of the real CIFAR-10 images in --source (the first 200 training and 100 test
+The default is the CPU size (about 15 minutes on 2 cores): VGG-16 at a quarter of its width
+(`--width 0.25`) on a fixed class-balanced subset of the real CIFAR-10 images in --source (the first 200 training and 100 test
 images of each class, sorted by file name), 5 epochs. The paper's size (VGG-16, all of CIFAR-100,
 10 epochs, batch 256) on a GPU:
 
-    python -m experiments.lr_robustness --width-divisor 1 --dataset cifar100 \
+    python -m experiments.lr_robustness --width 1 --dataset cifar100 \
         --data-dir Cifar/data --epochs 10 --batch-size 256 --warm 2 --lrs 0.01 0.05 0.1 0.2 0.5 1.0
 
 Outputs in --out-dir: runs.csv (one row per run and epoch), table.csv and table.md (best test
 top-1 per variant and learning rate), curves.png (test top-1 by epoch, one panel per learning
-rate, and best top-1 against learning rate). Engine runs and their checkpoints stay in --work-dir.
+rate, and best top-1 against learning rate). Engine runs (logs only) stay in --work-dir; the
+experiment can be stopped and started again with the same command (`experiments.grid`).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
 import hashlib
 import json
 import math
-import shutil
-import tarfile
 from pathlib import Path
 
-import models
-from Cifar.main import main as cifar_main
-from models.vgg import CONFIGS, VGG
+import pandas as pd
+
+from experiments.grid import extracted_tree, run_to_end, subset_tree
+from experiments.tables import markdown_table, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 # variant -> (model-name suffix, --weight)
@@ -47,78 +45,24 @@ VARIANTS = {
     "BN": ("", "none"),
 }
 TABLE_VARIANTS = ("None", "WeightMean only", "MimicNorm", "BN")  # the paper's table columns
-SPLITS = ("train", "test")
-
-
-def reduced_vgg(config: tuple[int | str, ...], norm: str, num_classes: int) -> VGG:
-    """A CIFAR VGG with the conv channels of `config` (classifier as in the full network)."""
-    return VGG(config, norm, num_classes, "cifar")
-
-
-def register_reduced_vgg(arch: str, divisor: int) -> str:
-    """Register `<arch>_div<divisor>`: CIFAR `arch` (a VGG) with conv widths divided by `divisor`."""
-    if divisor == 1:
-        return arch
-    if arch not in CONFIGS:
-        raise SystemExit(f"--width-divisor needs a VGG (one of {', '.join(CONFIGS)}), got {arch}")
-    name = f"{arch}_div{divisor}"
-    if name + "_cbn" not in models.list_models("cifar"):
-        config = tuple(e if e == "M" else int(e) // divisor for e in CONFIGS[arch])
-        models.register_model("cifar", name)(functools.partial(reduced_vgg, config))
-    return name
-
-
-def extracted_tree(source: Path, work_dir: Path) -> Path:
-    """The ImageFolder root (with train/ and test/) of `source`, a directory or a .tar.gz."""
-    if source.is_dir():
-        return source
-    target = work_dir / "extracted"
-    done = target / ".complete"
-    if not done.exists():
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        with tarfile.open(source) as tar:
-            tar.extractall(target, filter="data")
-        done.touch()
-    roots = [p.parent for p in target.glob("*/train")]
-    if len(roots) != 1:
-        raise SystemExit(f"{source} holds no single <root>/train ImageFolder tree")
-    return roots[0]
-
-
-def subset_tree(root: Path, dest: Path, per_class: dict[str, int]) -> Path:
-    """`dest`/{train,test}/<class>/ with symlinks to the first `per_class[split]` images of each
-    class of `root` in file-name order (0: all of them)."""
-    for split in SPLITS:
-        for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            files = sorted(p for p in class_dir.iterdir() if p.is_file())
-            files = files[: per_class[split]] if per_class[split] else files
-            out = dest / split / class_dir.name
-            out.mkdir(parents=True, exist_ok=True)
-            for f in files:
-                link = out / f.name
-                if not link.exists():
-                    link.symlink_to(f.resolve())
-    return dest
 
 
 def settings_key(args: argparse.Namespace, arch: str) -> str:
     """A short hash of everything that changes a run's result except variant and lr."""
-    keys = ("dataset", "data_dir", "source", "train_per_class", "test_per_class", "epochs",
-            "batch_size", "warm", "seed", "engine_args")
+    keys = ("dataset", "data_dir", "source", "train_per_class", "test_per_class", "width",
+            "epochs", "batch_size", "warm", "seed", "engine_args")
     text = json.dumps({"arch": arch, **{k: str(getattr(args, k)) for k in keys}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def engine_argv(arch: str, variant: str, lr: float, data_dir: Path, run_root: Path,
+def engine_argv(arch: str, variant: str, lr: float, data_dir: Path,
                 args: argparse.Namespace) -> list[str]:
-    """The `Cifar/main.py` flags of one run."""
+    """The `Cifar/main.py` flags of one run (where it goes aside)."""
     suffix, weight = VARIANTS[variant]
-    return ["-a", arch + suffix, "--weight", weight, "-ds", args.dataset, "--data-dir", str(data_dir),
-            "-b", str(args.batch_size), "-lr", str(lr), "--epochs", str(args.epochs),
-            "--warm", str(args.warm), "--seed", str(args.seed), "-j", str(args.workers),
-            "--out-dir", str(run_root), "--run-name", run_name(variant, lr), "--no-progress",
-            *args.engine_args]
+    return ["-a", arch + suffix, "--weight", weight, "-ds", args.dataset, "--data-dir",
+            str(data_dir), "--width", str(args.width), "-b", str(args.batch_size), "-lr", str(lr),
+            "--epochs", str(args.epochs), "--warm", str(args.warm), "--seed", str(args.seed),
+            "-j", str(args.workers), "--no-progress", *args.engine_args]
 
 
 def run_name(variant: str, lr: float) -> str:
@@ -126,30 +70,14 @@ def run_name(variant: str, lr: float) -> str:
     return f"{variant.replace(' ', '_')}-lr{lr:g}"
 
 
-def read_log(path: Path) -> list[dict[str, str]]:
-    """The rows of an engine log.csv, [] if it does not exist."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def train_one(arch: str, variant: str, lr: float, data_dir: Path, run_root: Path,
-              args: argparse.Namespace) -> list[dict[str, str]]:
-    """Run (or reuse a finished) engine run; returns its per-epoch log rows."""
-    argv = engine_argv(arch, variant, lr, data_dir, run_root, args)
+              args: argparse.Namespace) -> pd.DataFrame:
+    """Train one run to its end (or reuse it, or resume it); returns its log.csv. A run that
+    diverged is a result: its log holds the epochs before."""
     run_dir = run_root / (arch + VARIANTS[variant][0]) / run_name(variant, lr)
-    rows = read_log(run_dir / "log.csv")
-    if len(rows) == args.epochs:
-        print(f"reusing {run_dir}", flush=True)
-        return rows
-    shutil.rmtree(run_dir, ignore_errors=True)
-    print("python Cifar/main.py " + " ".join(argv), flush=True)
-    if cifar_main(argv) != 0:
-        raise SystemExit(f"engine run failed: {' '.join(argv)}")
-    for checkpoint in run_dir.glob("*.pt"):  # keep the logs, not hundreds of MB of weights
-        checkpoint.unlink()
-    return read_log(run_dir / "log.csv")
+    print(run_to_end(run_dir, engine_argv(arch, variant, lr, data_dir, args), args.epochs),
+          flush=True)
+    return pd.read_csv(run_dir / "log.csv")
 
 
 def best(values: list[float]) -> float:
@@ -162,29 +90,23 @@ def write_outputs(records: list[dict[str, object]], args: argparse.Namespace, ca
     """runs.csv, table.csv, table.md and curves.png in --out-dir."""
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    runs = pd.DataFrame(records)
+    write_csv(runs, out / "runs.csv")
 
     def acc(variant: str, lr: float) -> list[float]:
-        return [r["test_acc1"] for r in records if r["variant"] == variant and r["lr"] == lr]
+        return runs.loc[(runs["variant"] == variant) & (runs["lr"] == lr), "test_acc1"].tolist()
 
-    table = [{"lr": lr, **{v: best(acc(v, lr)) for v in TABLE_VARIANTS}} for lr in args.lrs]
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    table = pd.DataFrame([{"lr": lr, **{v: best(acc(v, lr)) for v in TABLE_VARIANTS}}
+                          for lr in args.lrs])
+    write_csv(table, out / "table.csv")
+    epochs = [str(e) for e in range(1, args.epochs + 1)]
+    ablation = pd.DataFrame([{"variant": v, **dict(zip(epochs, acc(v, args.ablation_lr))),
+                              "best": best(acc(v, args.ablation_lr))} for v in VARIANTS],
+                            columns=["variant", *epochs, "best"])
     lines = [caption, "", f"Best test top-1 (%) within {args.epochs} epochs:", "",
-             "| lr | " + " | ".join(TABLE_VARIANTS) + " |", "|---" * (len(TABLE_VARIANTS) + 1) + "|"]
-    lines += [f"| {row['lr']:g} | " + " | ".join(f"{row[v]:.2f}" for v in TABLE_VARIANTS) + " |"
-              for row in table]
-    lines += ["", f"Ablation at lr {args.ablation_lr:g}: test top-1 (%) by epoch", "",
-              "| variant | " + " | ".join(str(e) for e in range(1, args.epochs + 1)) + " | best |",
-              "|---" * (args.epochs + 2) + "|"]
-    for v in VARIANTS:
-        curve = acc(v, args.ablation_lr)
-        lines.append(f"| {v} | " + " | ".join(f"{a:.2f}" for a in curve) + f" | {best(curve):.2f} |")
+             markdown_table(table.assign(lr=table["lr"].map("{:g}".format)), floatfmt=".2f"),
+             "", f"Ablation at lr {args.ablation_lr:g}: test top-1 (%) by epoch", "",
+             markdown_table(ablation, floatfmt=".2f")]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot_curves(records, args, caption, out / "curves.png")
 
@@ -239,8 +161,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="vgg16", help="registered CIFAR architecture")
-    p.add_argument("--width-divisor", type=int, default=4,
-                   help="divide a VGG's conv widths by this (registers <arch>_div<N>); 1: as is")
+    p.add_argument("--width", type=float, default=0.25,
+                   help="channel width multiplier of the network (Cifar/main.py --width)")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5])
     p.add_argument("--ablation-lr", type=float, default=0.1,
                    help="learning rate of the extra LastBN-only run (must be one of --lrs)")
@@ -273,8 +195,7 @@ def main(args: argparse.Namespace) -> list[dict[str, object]]:
         raise SystemExit(f"--ablation-lr {args.ablation_lr} must be one of --lrs {args.lrs}")
     if args.dataset == "folder" and args.source is None:
         raise SystemExit("--dataset folder needs --source: an ImageFolder tree or its .tar.gz")
-    arch = register_reduced_vgg(args.arch, args.width_divisor)
-    key = settings_key(args, arch)
+    key = settings_key(args, args.arch)
     if args.dataset == "folder":
         root = extracted_tree(args.source, args.work_dir)
         per_class = {"train": args.train_per_class, "test": args.test_per_class}
@@ -288,12 +209,12 @@ def main(args: argparse.Namespace) -> list[dict[str, object]]:
         (v, args.ablation_lr) for v in VARIANTS if v not in TABLE_VARIANTS]
     records: list[dict[str, object]] = []
     for variant, lr in plan:
-        for row in train_one(arch, variant, lr, data_dir, run_root, args):
-            records.append({"variant": variant, "lr": lr, "epoch": int(row["epoch"]),
-                            "train_loss": float(row["train_loss"]),
-                            "test_acc1": float(row["test_acc1"]),
-                            "epoch_seconds": float(row["epoch_seconds"])})
-    caption = (f"{arch}, {size}, {args.epochs} epochs, batch {args.batch_size}, warm-up "
+        for row in train_one(args.arch, variant, lr, data_dir, run_root, args).itertuples():
+            records.append({"variant": variant, "lr": lr, "epoch": int(row.epoch),
+                            "train_loss": float(row.train_loss),
+                            "test_acc1": float(row.test_acc1),
+                            "epoch_seconds": float(row.epoch_seconds)})
+    caption = (f"{args.arch} at width {args.width:g}, {size}, {args.epochs} epochs, batch {args.batch_size}, warm-up "
                f"{args.warm}, seed {args.seed}")
     write_outputs(records, args, caption)
     print((args.out_dir / "table.md").read_text())

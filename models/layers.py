@@ -1,4 +1,4 @@
-"""Small building blocks shared by the architectures: what each normalisation variant changes."""
+"""Building blocks shared by the architectures: norm variants, channel scaling, initialisations."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,9 @@ from torch import nn
 
 from ._registry import NORMS
 from .mimicnorm import LastBN
+
+# He et al.'s variance numerator for ReLU networks: N(0, 2 / fan).
+HE_NUMERATOR = 2.0
 
 
 def check_norm(norm: str) -> str:
@@ -26,13 +29,26 @@ def last_bn(norm: str, num_classes: int) -> LastBN | None:
     return LastBN(num_classes) if check_norm(norm) == "mimic" else None
 
 
+def scaled_channels(channels: int, width: float, multiple: int = 1) -> int:
+    """`channels * width` rounded to a multiple of `multiple` (at least one multiple).
+
+    With the default `multiple` this is `max(1, round(channels * width))`; families whose layers
+    need divisibility (channel splits, groups) pass the multiple they need.
+    """
+    return max(multiple, round(channels * width / multiple) * multiple)
+
+
 def normal_(weight: nn.Parameter, variance_numerator: float, fan: int) -> None:
     """Fill `weight` from N(0, variance_numerator / fan), the reference code's init family."""
     nn.init.normal_(weight, 0.0, math.sqrt(variance_numerator / fan))
 
 
-def mimic_init_(model: nn.Module, conv_numerator: float, min_channels_per_group: int = 1) -> None:
-    """Convs N(0, numerator / (kh*kw*max(min, in/groups))), Linears N(0, 2/in), biases 0."""
+def fan_in_init_(model: nn.Module, conv_numerator: float, min_channels_per_group: int = 1) -> None:
+    """Convs N(0, numerator / (kh*kw*max(min, in/groups))), Linears N(0, 2/in), biases 0.
+
+    The reference code's fan-in init: the MimicNorm twins' (numerator 2 or 2.8, clamped fans) and,
+    with numerator 2 and no clamp, He's init of several plain twins.
+    """
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size

@@ -31,7 +31,8 @@ class CentringRule:
     """Which convolutions weight mean centres.
 
     A conv is selected when its fan-in per group (in_channels / groups * kh * kw) exceeds
-    `min_fan_in`; with `dense_only` it must also have groups == 1.
+    `min_fan_in`; with `dense_only` it must also have groups == 1. A conv of a reduced-width
+    network is judged by its full-width twin's fan-in and groups (`record_reference_convs_`).
     """
 
     min_fan_in: int = 50
@@ -41,9 +42,9 @@ class CentringRule:
         """True when `module` is a Conv2d whose filters this rule centres."""
         if not isinstance(module, nn.Conv2d):
             return False
-        if self.dense_only and module.groups != 1:
+        if self.dense_only and getattr(module, "reference_groups", module.groups) != 1:
             return False
-        return conv_fan_in(module) > self.min_fan_in
+        return getattr(module, "reference_fan_in", conv_fan_in(module)) > self.min_fan_in
 
 
 # CIFAR reference: fan-in per group > 50 (skips the 27-input RGB stem and depthwise convs).
@@ -65,6 +66,23 @@ def conv_fan_in(conv: nn.Conv2d) -> int:
     """Inputs seen by one output unit: in_channels / groups * kh * kw."""
     kh, kw = conv.kernel_size
     return conv.in_channels // conv.groups * kh * kw
+
+
+def record_reference_convs_(model: nn.Module, reference: nn.Module) -> None:
+    """Record on each conv of `model` the fan-in per group and groups of its twin in `reference`.
+
+    `reference` is the full-width network (same conv names). With `reference_fan_in` and
+    `reference_groups` the centring selection does not depend on width: otherwise a narrowed 1x1
+    conv could fall under a rule's threshold, and a depthwise conv narrowed to one channel would
+    look dense.
+    """
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    twins = [(name, m) for name, m in reference.named_modules() if isinstance(m, nn.Conv2d)]
+    if [name for name, _ in convs] != [name for name, _ in twins]:
+        raise RuntimeError("model and reference differ in their convolutions' names")
+    for (_, conv), (_, twin) in zip(convs, twins):
+        conv.reference_fan_in = conv_fan_in(twin)
+        conv.reference_groups = twin.groups
 
 
 def centred_conv_weights(model: nn.Module, rule: CentringRule = CIFAR_RULE) -> list[nn.Parameter]:

@@ -8,6 +8,9 @@ ReLU6 becomes ReLU, a conv has a bias only where weight mean centres it (fan-in 
 convs N(0, 2 / (k*k*max(2, in/groups))). Each bottleneck's output is scaled by a learnable scalar
 folded into its last conv: 1.2**2 / l for the l-th identity-shortcut block (l counted from 1 over
 the network), 1.2**2 for blocks without a shortcut.
+The plain twin (reference code): every conv, the classifier included, N(0, 2 / (k*k*in/groups)),
+biases 0, BN 1 and 0.
+Under a width multiplier the shortcuts and the MimicNorm biases follow the full-width network.
 """
 from __future__ import annotations
 
@@ -16,11 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_model
-from .layers import batchnorm2d, check_norm, last_bn, mimic_init_, plain_init_
+from .layers import HE_NUMERATOR, batchnorm2d, check_norm, fan_in_init_, last_bn, scaled_channels
 from .mimicnorm import CIFAR_RULE, ScaledConv2d, residual_scale_init
 
 CONV_VARIANCE = 2.0
 MIN_CHANNELS_PER_GROUP = 2
+STEM_CHANNELS = 32
+FEATURE_CHANNELS = 1280
 # (expansion t, output channels, blocks, stride of the first block) of stages 1..7.
 STAGES = (
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1),
@@ -38,10 +43,16 @@ def make_conv(
     padding: int = 0,
     groups: int = 1,
     scale: float | None = None,
+    reference_fan_in: int | None = None,
 ) -> nn.Conv2d:
-    """Conv; biased in the plain twin (pytorch-cifar100), else only where weight mean centres it."""
-    fan_in = in_channels // groups * kernel_size * kernel_size
-    bias = norm == "bn" or fan_in > CIFAR_RULE.min_fan_in
+    """Conv; biased in the plain twin (pytorch-cifar100), else only where weight mean centres it.
+
+    `reference_fan_in` is the fan-in per group of the full-width conv (default: this conv's), which
+    weight mean's selection goes by.
+    """
+    if reference_fan_in is None:
+        reference_fan_in = in_channels // groups * kernel_size * kernel_size
+    bias = norm == "bn" or reference_fan_in > CIFAR_RULE.min_fan_in
     args = (in_channels, out_channels, kernel_size, stride, padding)
     if scale is None or norm == "bn":
         return nn.Conv2d(*args, groups=groups, bias=bias)
@@ -58,7 +69,8 @@ class LinearBottleneck(nn.Module):
 
     The shortcut exists when stride is 1 and the width is kept. `identity_index` is the block's
     position l among the network's identity-shortcut blocks (from 1); it sets the MimicNorm output
-    scalar 1.2**2 / l and must be given exactly for those blocks.
+    scalar 1.2**2 / l and must be given exactly for those blocks. Channel counts are full-width
+    ones, which fix the topology; the convs get them scaled by `width`.
     """
 
     def __init__(
@@ -69,23 +81,27 @@ class LinearBottleneck(nn.Module):
         expansion: int,
         norm: str,
         identity_index: int | None = None,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         check_norm(norm)
         self.identity = stride == 1 and in_channels == out_channels
         if self.identity != (identity_index is not None):
             raise ValueError("identity_index must be given exactly for identity-shortcut blocks")
-        hidden = in_channels * expansion
+        full_hidden = in_channels * expansion
+        hidden = scaled_channels(full_hidden, width)
+        narrow_in = scaled_channels(in_channels, width)
+        narrow_out = scaled_channels(out_channels, width)
         scale = residual_scale_init(identity_index or 1, 2)
         self.residual = nn.Sequential(
-            make_conv(norm, in_channels, hidden, 1),
+            make_conv(norm, narrow_in, hidden, 1, reference_fan_in=in_channels),
             *batchnorm2d(norm, hidden),
             activation(norm),
             make_conv(norm, hidden, hidden, 3, stride=stride, padding=1, groups=hidden),
             *batchnorm2d(norm, hidden),
             activation(norm),
-            make_conv(norm, hidden, out_channels, 1, scale=scale),
-            *batchnorm2d(norm, out_channels),
+            make_conv(norm, hidden, narrow_out, 1, scale=scale, reference_fan_in=full_hidden),
+            *batchnorm2d(norm, narrow_out),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,15 +114,16 @@ class LinearBottleneck(nn.Module):
 class MobileNetV2(nn.Module):
     """CIFAR MobileNetV2 (1x1 stem, seven bottleneck stages, 1x1 conv classifier) for any `norm`."""
 
-    def __init__(self, norm: str = "bn", num_classes: int = 100) -> None:
+    def __init__(self, norm: str = "bn", num_classes: int = 100, width: float = 1.0) -> None:
         super().__init__()
         check_norm(norm)
+        stem = scaled_channels(STEM_CHANNELS, width)
         # pytorch-cifar100's stem: a 1x1 conv with padding 1 (32x32 -> 34x34).
         self.pre = nn.Sequential(
-            make_conv(norm, 3, 32, 1, padding=1), *batchnorm2d(norm, 32), activation(norm)
+            make_conv(norm, 3, stem, 1, padding=1), *batchnorm2d(norm, stem), activation(norm)
         )
         identity_blocks = 0
-        in_channels = 32
+        in_channels = STEM_CHANNELS
         for stage, (expansion, out_channels, blocks, stride) in enumerate(STAGES, start=1):
             layers = []
             for block in range(blocks):
@@ -116,19 +133,23 @@ class MobileNetV2(nn.Module):
                     identity_blocks += 1
                     index = identity_blocks
                 block_args = (in_channels, out_channels, block_stride, expansion, norm, index)
-                layers.append(LinearBottleneck(*block_args))
+                layers.append(LinearBottleneck(*block_args, width=width))
                 in_channels = out_channels
             # a one-block stage is the block itself, keeping pytorch-cifar100's state-dict names
             self.add_module(f"stage{stage}", layers[0] if blocks == 1 else nn.Sequential(*layers))
+        features = scaled_channels(FEATURE_CHANNELS, width)
+        narrow_in = scaled_channels(in_channels, width)
         self.conv1 = nn.Sequential(
-            make_conv(norm, 320, 1280, 1), *batchnorm2d(norm, 1280), activation(norm)
+            make_conv(norm, narrow_in, features, 1, reference_fan_in=in_channels),
+            *batchnorm2d(norm, features),
+            activation(norm),
         )
-        self.conv2 = make_conv(norm, 1280, num_classes, 1)
+        self.conv2 = make_conv(norm, features, num_classes, 1, reference_fan_in=FEATURE_CHANNELS)
         self.last_bn = last_bn(norm, num_classes)
         if norm == "bn":
-            plain_init_(self)
+            fan_in_init_(self, HE_NUMERATOR)
         else:
-            mimic_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
+            fan_in_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage4(self.stage3(self.stage2(self.stage1(self.pre(x)))))
@@ -141,6 +162,6 @@ class MobileNetV2(nn.Module):
 
 
 @register_model("cifar", "mobilenetv2")
-def mobilenetv2(norm: str, num_classes: int) -> MobileNetV2:
+def mobilenetv2(norm: str, num_classes: int, width: float) -> MobileNetV2:
     """CIFAR MobileNetV2 (pytorch-cifar100)."""
-    return MobileNetV2(norm, num_classes)
+    return MobileNetV2(norm, num_classes, width)

@@ -6,7 +6,8 @@ One definition serves the three variants. "bn" is the usual BatchNorm network. "
 drops every BatchNorm2d, gives the convs biases, N(0, 2/fan_in) weights and folds a learnable
 scalar 1.2**k / l (k convs in the branch, l the block's global index from 1) into the last conv of
 every residual branch, and ends in the last BN on the logits. "none" (`_nobn`) is the "mimic"
-network without the last BN.
+network without the last BN. The plain twin keeps its reference init: torchvision's on ImageNet,
+PyTorch's default layer init on CIFAR (the reference CIFAR code's init loop was disabled).
 """
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ import torch
 from torch import nn
 
 from ._registry import register_model
-from .layers import batchnorm2d, check_norm, last_bn, mimic_init_, plain_init_
+from .layers import (
+    HE_NUMERATOR,
+    batchnorm2d,
+    check_norm,
+    fan_in_init_,
+    last_bn,
+    plain_init_,
+    scaled_channels,
+)
 from .mimicnorm import CENTRING_GAIN, ScaledConv2d, residual_scale_init
 
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -30,6 +39,8 @@ class ResidualBlock(nn.Module):
     carrying the residual scalar. The stride sits on the first 3x3 conv (torchvision's v1.5).
     A projection shortcut (1x1 conv) is used when the shape changes: conv-BN for "bn", otherwise a
     conv with `projection_bias`, followed by a folded scalar when `projection_scale` is given.
+    Channel counts are the full-width ones, which fix the topology; the convs get them scaled by
+    `width`.
     """
 
     expansion: int
@@ -44,13 +55,14 @@ class ResidualBlock(nn.Module):
         block_index: int,
         projection_bias: bool = True,
         projection_scale: float | None = None,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         check_norm(norm)
         out_channels = planes * self.expansion
-        self.branch = self._branch(in_channels, planes, stride, norm, block_index)
+        self.branch = self._branch(in_channels, planes, stride, norm, block_index, width)
         self.shortcut = self._shortcut(
-            in_channels, out_channels, stride, norm, projection_bias, projection_scale
+            in_channels, out_channels, stride, norm, projection_bias, projection_scale, width
         )
         self.relu = nn.ReLU(inplace=True)
 
@@ -60,10 +72,11 @@ class ResidualBlock(nn.Module):
         return self.relu(out)
 
     def _branch(
-        self, in_channels: int, planes: int, stride: int, norm: str, block_index: int
+        self, in_channels: int, planes: int, stride: int, norm: str, block_index: int, width: float
     ) -> nn.Sequential:
         n = len(self.kernel_sizes)
-        channels = [in_channels] + [planes] * (n - 1) + [planes * self.expansion]
+        full = [in_channels] + [planes] * (n - 1) + [planes * self.expansion]
+        channels = [scaled_channels(c, width) for c in full]
         strides = [1] * n
         strides[self.kernel_sizes.index(3)] = stride
         layers: list[nn.Module] = []
@@ -90,9 +103,13 @@ class ResidualBlock(nn.Module):
         norm: str,
         bias: bool,
         scale: float | None,
+        width: float,
     ) -> nn.Module:
+        # Decided on the full-width counts: narrowed ones may coincide where the full ones differ.
         if stride == 1 and in_channels == out_channels:
             return nn.Identity()
+        in_channels = scaled_channels(in_channels, width)
+        out_channels = scaled_channels(out_channels, width)
         if norm == "bn":
             return nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
@@ -121,7 +138,8 @@ class ResNet(nn.Module):
     """ResNet with a CIFAR (3x3 conv, no max-pool) or ImageNet (7x7/2 conv, 3x3/2 max-pool) stem.
 
     Block indices for the residual scalars run from 1 over the whole network. Plain ("bn") models
-    keep torchvision's init; the BN-free variants use N(0, 2/fan_in) for every conv and Linear.
+    keep torchvision's init with the ImageNet stem and PyTorch's defaults with the CIFAR one; the
+    BN-free variants use N(0, 2/fan_in) for every conv and Linear.
     """
 
     def __init__(
@@ -133,14 +151,15 @@ class ResNet(nn.Module):
         stem: str = "cifar",
         projection_bias: bool = True,
         projection_scale: float | None = None,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         check_norm(norm)
-        self.stem = _stem(stem, norm)
+        self.stem = _stem(stem, norm, scaled_channels(STAGE_WIDTHS[0], width))
         in_channels = STAGE_WIDTHS[0]
         block_index = 0
         stages = []
-        for stage, (width, depth) in enumerate(zip(STAGE_WIDTHS, depths)):
+        for stage, (planes, depth) in enumerate(zip(STAGE_WIDTHS, depths)):
             blocks = []
             for i in range(depth):
                 block_index += 1
@@ -148,24 +167,25 @@ class ResNet(nn.Module):
                 blocks.append(
                     block(
                         in_channels,
-                        width,
+                        planes,
                         stride,
                         norm,
                         block_index,
                         projection_bias,
                         projection_scale,
+                        width,
                     )
                 )
-                in_channels = width * block.expansion
+                in_channels = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
+        self.fc = nn.Linear(scaled_channels(in_channels, width), num_classes)
         self.last_bn = last_bn(norm, num_classes)
-        if norm == "bn":
+        if norm != "bn":
+            fan_in_init_(self, HE_NUMERATOR)
+        elif stem == "imagenet":
             plain_init_(self)
-        else:
-            mimic_init_(self, 2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
@@ -173,17 +193,17 @@ class ResNet(nn.Module):
         return x if self.last_bn is None else self.last_bn(x)
 
 
-def _stem(stem: str, norm: str) -> nn.Sequential:
+def _stem(stem: str, norm: str, channels: int) -> nn.Sequential:
     """The input layers: 3x3 conv for CIFAR, 7x7/2 conv and 3x3/2 max-pool for ImageNet."""
     bias = norm != "bn"
     if stem == "cifar":
-        conv = nn.Conv2d(3, STAGE_WIDTHS[0], 3, 1, 1, bias=bias)
-        return nn.Sequential(conv, *batchnorm2d(norm, STAGE_WIDTHS[0]), nn.ReLU(inplace=True))
+        conv = nn.Conv2d(3, channels, 3, 1, 1, bias=bias)
+        return nn.Sequential(conv, *batchnorm2d(norm, channels), nn.ReLU(inplace=True))
     if stem == "imagenet":
-        conv = nn.Conv2d(3, STAGE_WIDTHS[0], 7, 2, 3, bias=bias)
+        conv = nn.Conv2d(3, channels, 7, 2, 3, bias=bias)
         return nn.Sequential(
             conv,
-            *batchnorm2d(norm, STAGE_WIDTHS[0]),
+            *batchnorm2d(norm, channels),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
         )
@@ -191,14 +211,15 @@ def _stem(stem: str, norm: str) -> nn.Sequential:
 
 
 def _cifar_resnet(
-    block: type[ResidualBlock], depths: Sequence[int], norm: str, num_classes: int
+    block: type[ResidualBlock], depths: Sequence[int], norm: str, num_classes: int, width: float
 ) -> ResNet:
     # Reference CIFAR code: BasicBlock projections have a bias, Bottleneck ones do not; no scalar.
-    return ResNet(block, depths, norm, num_classes, "cifar", projection_bias=block is BasicBlock)
+    bias = block is BasicBlock
+    return ResNet(block, depths, norm, num_classes, "cifar", projection_bias=bias, width=width)
 
 
 def _imagenet_resnet(
-    block: type[ResidualBlock], depths: Sequence[int], norm: str, num_classes: int
+    block: type[ResidualBlock], depths: Sequence[int], norm: str, num_classes: int, width: float
 ) -> ResNet:
     # Reference ImageNet code: biased projection followed by a scalar initialised to 1.2.
     return ResNet(
@@ -209,46 +230,47 @@ def _imagenet_resnet(
         "imagenet",
         projection_bias=True,
         projection_scale=CENTRING_GAIN,
+        width=width,
     )
 
 
 @register_model("cifar", "resnet18")
-def cifar_resnet18(norm: str, num_classes: int) -> ResNet:
+def cifar_resnet18(norm: str, num_classes: int, width: float) -> ResNet:
     """ResNet-18 for 32x32 inputs."""
-    return _cifar_resnet(BasicBlock, (2, 2, 2, 2), norm, num_classes)
+    return _cifar_resnet(BasicBlock, (2, 2, 2, 2), norm, num_classes, width)
 
 
 @register_model("cifar", "resnet34")
-def cifar_resnet34(norm: str, num_classes: int) -> ResNet:
+def cifar_resnet34(norm: str, num_classes: int, width: float) -> ResNet:
     """ResNet-34 for 32x32 inputs."""
-    return _cifar_resnet(BasicBlock, (3, 4, 6, 3), norm, num_classes)
+    return _cifar_resnet(BasicBlock, (3, 4, 6, 3), norm, num_classes, width)
 
 
 @register_model("cifar", "resnet50")
-def cifar_resnet50(norm: str, num_classes: int) -> ResNet:
+def cifar_resnet50(norm: str, num_classes: int, width: float) -> ResNet:
     """ResNet-50 for 32x32 inputs."""
-    return _cifar_resnet(Bottleneck, (3, 4, 6, 3), norm, num_classes)
+    return _cifar_resnet(Bottleneck, (3, 4, 6, 3), norm, num_classes, width)
 
 
 @register_model("cifar", "resnet101")
-def cifar_resnet101(norm: str, num_classes: int) -> ResNet:
+def cifar_resnet101(norm: str, num_classes: int, width: float) -> ResNet:
     """ResNet-101 for 32x32 inputs."""
-    return _cifar_resnet(Bottleneck, (3, 4, 23, 3), norm, num_classes)
+    return _cifar_resnet(Bottleneck, (3, 4, 23, 3), norm, num_classes, width)
 
 
 @register_model("imagenet", "resnet18")
-def imagenet_resnet18(norm: str, num_classes: int) -> ResNet:
+def imagenet_resnet18(norm: str, num_classes: int, width: float) -> ResNet:
     """ResNet-18 for 224x224 inputs."""
-    return _imagenet_resnet(BasicBlock, (2, 2, 2, 2), norm, num_classes)
+    return _imagenet_resnet(BasicBlock, (2, 2, 2, 2), norm, num_classes, width)
 
 
 @register_model("imagenet", "resnet50")
-def imagenet_resnet50(norm: str, num_classes: int) -> ResNet:
+def imagenet_resnet50(norm: str, num_classes: int, width: float) -> ResNet:
     """ResNet-50 for 224x224 inputs."""
-    return _imagenet_resnet(Bottleneck, (3, 4, 6, 3), norm, num_classes)
+    return _imagenet_resnet(Bottleneck, (3, 4, 6, 3), norm, num_classes, width)
 
 
 @register_model("imagenet", "resnet101")
-def imagenet_resnet101(norm: str, num_classes: int) -> ResNet:
+def imagenet_resnet101(norm: str, num_classes: int, width: float) -> ResNet:
     """ResNet-101 for 224x224 inputs."""
-    return _imagenet_resnet(Bottleneck, (3, 4, 23, 3), norm, num_classes)
+    return _imagenet_resnet(Bottleneck, (3, 4, 23, 3), norm, num_classes, width)

@@ -13,7 +13,10 @@ The two layouts differ only in: the stem (CIFAR: stride-1 conv + BN, no ReLU, no
 width of a downsampling unit's main branch (CIFAR: the input width; ImageNet: half the output
 width), the plain twin's conv biases (CIFAR: kept as in pytorch-cifar100; ImageNet: none) and the
 unit gain/bias.
-The ImageNet plain twin has torchvision's module names, so torchvision checkpoints load into it.
+The ImageNet plain twin has torchvision's module names, so torchvision checkpoints load into it, and
+its init (PyTorch's layer defaults). The CIFAR plain twin keeps PyTorch's defaults for the stem,
+conv5 and fc, as the reference code did; its other convs are kaiming normal (fan_out).
+A width multiplier rounds the stage widths to even counts (each unit splits its channels in two).
 """
 from __future__ import annotations
 
@@ -23,7 +26,14 @@ import torch
 from torch import nn
 
 from ._registry import register_model
-from .layers import batchnorm2d, check_norm, last_bn, mimic_init_, plain_init_
+from .layers import (
+    batchnorm2d,
+    check_norm,
+    fan_in_init_,
+    last_bn,
+    plain_init_,
+    scaled_channels,
+)
 from .mimicnorm import CENTRING_GAIN, ScaledConv2d
 
 CONV_VARIANCE = 2.0
@@ -100,7 +110,10 @@ class ShuffleUnit(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    """ShuffleNetV2 with `channels` = (stem, stage2, stage3, stage4, conv5) widths, any `norm`."""
+    """ShuffleNetV2 with `channels` = (stem, stage2, stage3, stage4, conv5) widths, any `norm`.
+
+    The widths are scaled by `width`.
+    """
 
     def __init__(
         self,
@@ -109,11 +122,19 @@ class ShuffleNetV2(nn.Module):
         num_classes: int = 1000,
         cifar: bool = False,
         stage_repeats: Sequence[int] = STAGE_REPEATS,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         check_norm(norm)
         if len(channels) != 5 or len(stage_repeats) != 3:
             raise ValueError("expected 5 channel widths and 3 stage repeats")
+        # Every stride-1 unit splits its input in two: the stage widths must stay even.
+        stem, *stages, last = channels
+        channels = [
+            scaled_channels(stem, width),
+            *(scaled_channels(c, width, multiple=2) for c in stages),
+            scaled_channels(last, width),
+        ]
         bias = cifar or norm != "bn"
         if cifar:
             self.conv1 = nn.Sequential(*conv_unit(norm, 3, channels[0], 3, bias=bias))
@@ -131,10 +152,12 @@ class ShuffleNetV2(nn.Module):
         )
         self.fc = nn.Linear(channels[4], num_classes)
         self.last_bn = last_bn(norm, num_classes)
-        if norm == "bn":
-            plain_init_(self)
-        else:
-            mimic_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
+        if norm != "bn":
+            fan_in_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
+        elif cifar:
+            # The reference CIFAR code re-initialised the units only (stem, conv5, fc: defaults).
+            for stage in (self.stage2, self.stage3, self.stage4):
+                plain_init_(stage)
 
     @staticmethod
     def make_stage(
@@ -156,18 +179,18 @@ class ShuffleNetV2(nn.Module):
 
 
 @register_model("cifar", "shufflenetv2")
-def shufflenetv2(norm: str, num_classes: int) -> ShuffleNetV2:
+def shufflenetv2(norm: str, num_classes: int, width: float) -> ShuffleNetV2:
     """CIFAR ShuffleNetV2 1.0x (pytorch-cifar100)."""
-    return ShuffleNetV2(CIFAR_CHANNELS, norm, num_classes, cifar=True)
+    return ShuffleNetV2(CIFAR_CHANNELS, norm, num_classes, cifar=True, width=width)
 
 
 @register_model("imagenet", "shufflenetv2_x0_5")
-def shufflenetv2_x0_5(norm: str, num_classes: int) -> ShuffleNetV2:
+def shufflenetv2_x0_5(norm: str, num_classes: int, width: float) -> ShuffleNetV2:
     """ImageNet ShuffleNetV2 0.5x (torchvision `shufflenet_v2_x0_5`)."""
-    return ShuffleNetV2(IMAGENET_CHANNELS["x0_5"], norm, num_classes)
+    return ShuffleNetV2(IMAGENET_CHANNELS["x0_5"], norm, num_classes, width=width)
 
 
 @register_model("imagenet", "shufflenetv2_x1_0")
-def shufflenetv2_x1_0(norm: str, num_classes: int) -> ShuffleNetV2:
+def shufflenetv2_x1_0(norm: str, num_classes: int, width: float) -> ShuffleNetV2:
     """ImageNet ShuffleNetV2 1.0x (torchvision `shufflenet_v2_x1_0`)."""
-    return ShuffleNetV2(IMAGENET_CHANNELS["x1_0"], norm, num_classes)
+    return ShuffleNetV2(IMAGENET_CHANNELS["x1_0"], norm, num_classes, width=width)

@@ -5,6 +5,8 @@ parameters and <0.5MB model size", arXiv 1602.07360.
 
 MimicNorm twins (reference code): BatchNorm removed, convs N(0, 2.8 / (k*k*max(4, in/groups))).
 The classifier is a 1x1 conv (so weight mean centres it) and the last BN follows its pooled output.
+The plain twin (reference code): every conv, the classifier included, N(0, 2 / (k*k*in)), biases 0.
+A width multiplier rounds each Fire module's output to an even count: two expand convs share it.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_model
-from .layers import batchnorm2d, check_norm, last_bn, mimic_init_, plain_init_
+from .layers import HE_NUMERATOR, batchnorm2d, check_norm, fan_in_init_, last_bn, scaled_channels
 
 CONV_VARIANCE = 2.8
 MIN_CHANNELS_PER_GROUP = 4
+STEM_CHANNELS = 96
+# (output channels, squeeze channels) of fire2..fire9.
+FIRES = ((128, 16), (128, 16), (256, 32), (256, 32), (384, 48), (384, 48), (512, 64), (512, 64))
 
 
 def conv_relu(norm: str, in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
@@ -47,25 +52,23 @@ class Fire(nn.Module):
 class SqueezeNet(nn.Module):
     """CIFAR SqueezeNet: fire2..fire9, bypass around fire3/5/7, 1x1 conv classifier."""
 
-    def __init__(self, norm: str = "bn", num_classes: int = 100) -> None:
+    def __init__(self, norm: str = "bn", num_classes: int = 100, width: float = 1.0) -> None:
         super().__init__()
         check_norm(norm)
-        self.stem = nn.Sequential(*conv_relu(norm, 3, 96, 3), nn.MaxPool2d(2, 2))
-        self.fire2 = Fire(96, 128, 16, norm)
-        self.fire3 = Fire(128, 128, 16, norm)
-        self.fire4 = Fire(128, 256, 32, norm)
-        self.fire5 = Fire(256, 256, 32, norm)
-        self.fire6 = Fire(256, 384, 48, norm)
-        self.fire7 = Fire(384, 384, 48, norm)
-        self.fire8 = Fire(384, 512, 64, norm)
-        self.fire9 = Fire(512, 512, 64, norm)
-        self.conv10 = nn.Conv2d(512, num_classes, 1)
+        in_channels = scaled_channels(STEM_CHANNELS, width)
+        self.stem = nn.Sequential(*conv_relu(norm, 3, in_channels, 3), nn.MaxPool2d(2, 2))
+        for index, (out_channels, squeeze_channels) in enumerate(FIRES, start=2):
+            out_channels = scaled_channels(out_channels, width, multiple=2)
+            squeeze_channels = scaled_channels(squeeze_channels, width)
+            self.add_module(f"fire{index}", Fire(in_channels, out_channels, squeeze_channels, norm))
+            in_channels = out_channels
+        self.conv10 = nn.Conv2d(in_channels, num_classes, 1)
         self.maxpool = nn.MaxPool2d(2, 2)
         self.last_bn = last_bn(norm, num_classes)
         if norm == "bn":
-            plain_init_(self)
+            fan_in_init_(self, HE_NUMERATOR)
         else:
-            mimic_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
+            fan_in_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -83,6 +86,6 @@ class SqueezeNet(nn.Module):
 
 
 @register_model("cifar", "squeezenet")
-def squeezenet(norm: str, num_classes: int) -> SqueezeNet:
+def squeezenet(norm: str, num_classes: int, width: float) -> SqueezeNet:
     """CIFAR SqueezeNet (pytorch-cifar100)."""
-    return SqueezeNet(norm, num_classes)
+    return SqueezeNet(norm, num_classes, width)

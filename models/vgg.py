@@ -6,7 +6,10 @@ ICLR 2015.
 One definition serves the three variants. "bn" puts a BatchNorm2d after every conv (vgg*_bn).
 "mimic" (`_cbn`) drops them, draws the convs from N(0, 2.8/fan) (fan_in on CIFAR, fan_out on
 ImageNet, as the reference code did) and the Linears from N(0, 2/fan_in), and ends in the last BN
-on the logits. "none" (`_nobn`) is the "mimic" network without the last BN.
+on the logits. "none" (`_nobn`) is the "mimic" network without the last BN. The plain twin is
+initialised as the reference code did too: on CIFAR convs and Linears N(0, 2/fan_in), on ImageNet
+as the "mimic" network (convs N(0, 2.8/fan_out), Linears N(0, 2/fan_in)); biases 0, BN 1 and 0.
+The width multiplier scales the conv channels and the 4096-wide hidden Linears alike.
 """
 from __future__ import annotations
 
@@ -16,7 +19,15 @@ import torch
 from torch import nn
 
 from ._registry import register_model
-from .layers import batchnorm2d, check_norm, last_bn, mimic_init_, normal_, plain_init_
+from .layers import (
+    HE_NUMERATOR,
+    batchnorm2d,
+    check_norm,
+    fan_in_init_,
+    last_bn,
+    normal_,
+    scaled_channels,
+)
 
 # Conv channels, "M" a 2x2 max-pool (Simonyan & Zisserman's configurations A, B and D).
 CONFIGS: dict[str, tuple[int | str, ...]] = {
@@ -37,38 +48,41 @@ class VGG(nn.Module):
 
     On CIFAR (32x32) the stack ends at 1x1 and feeds 512 features to the classifier; on ImageNet an
     adaptive 7x7 average pool feeds 512*7*7 (torchvision). Convs keep their biases in every variant.
+    `width` scales every conv and hidden Linear width (512 and 4096 at width 1).
     """
 
     def __init__(
-        self, config: Sequence[int | str], norm: str, num_classes: int, dataset: str = "cifar"
+        self,
+        config: Sequence[int | str],
+        norm: str,
+        num_classes: int,
+        dataset: str = "cifar",
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         check_norm(norm)
         if dataset not in ("cifar", "imagenet"):
             raise ValueError(f"unknown dataset {dataset!r}; expected cifar or imagenet")
-        self.features = _features(config, norm)
+        self.features = _features(config, norm, width)
         imagenet = dataset == "imagenet"
         self.pool = nn.AdaptiveAvgPool2d(IMAGENET_POOL) if imagenet else nn.Identity()
-        width = _out_channels(config) * (IMAGENET_POOL**2 if imagenet else 1)
+        features = scaled_channels(_out_channels(config), width)
+        features *= IMAGENET_POOL**2 if imagenet else 1
+        hidden = scaled_channels(HIDDEN, width)
         self.classifier = nn.Sequential(
-            nn.Linear(width, HIDDEN),
+            nn.Linear(features, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(),
-            nn.Linear(HIDDEN, HIDDEN),
+            nn.Linear(hidden, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(),
-            nn.Linear(HIDDEN, num_classes),
+            nn.Linear(hidden, num_classes),
         )
         self.last_bn = last_bn(norm, num_classes)
-        if norm == "bn":
-            plain_init_(self)
-            for m in self.classifier.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, 0.0, 0.01)
-                    nn.init.zeros_(m.bias)
-        else:
-            mimic_init_(self.classifier, CONV_VARIANCE_NUMERATOR)
-            _conv_init_(self.features, fan_out=imagenet)
+        # Only the reference's plain CIFAR twin used He's numerator; all others use 2.8.
+        numerator = HE_NUMERATOR if norm == "bn" and not imagenet else CONV_VARIANCE_NUMERATOR
+        fan_in_init_(self.classifier, numerator)
+        _conv_init_(self.features, numerator, fan_out=imagenet)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.pool(self.features(x)), 1)
@@ -76,15 +90,15 @@ class VGG(nn.Module):
         return x if self.last_bn is None else self.last_bn(x)
 
 
-def _features(config: Sequence[int | str], norm: str) -> nn.Sequential:
-    """3x3 conv (bias) - [BN] - ReLU per channel entry, 2x2 max-pool per "M"."""
+def _features(config: Sequence[int | str], norm: str, width: float) -> nn.Sequential:
+    """3x3 conv (bias) - [BN] - ReLU per channel entry (scaled by `width`), 2x2 max-pool per "M"."""
     layers: list[nn.Module] = []
     in_channels = 3
     for entry in config:
         if entry == "M":
             layers.append(nn.MaxPool2d(2, 2))
             continue
-        out_channels = int(entry)
+        out_channels = scaled_channels(int(entry), width)
         layers += [
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
             *batchnorm2d(norm, out_channels),
@@ -94,13 +108,13 @@ def _features(config: Sequence[int | str], norm: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _conv_init_(features: nn.Module, fan_out: bool) -> None:
-    """Convs N(0, 2.8/fan) with fan k*k*out (ImageNet reference) or k*k*in (CIFAR), biases 0."""
+def _conv_init_(features: nn.Module, numerator: float, fan_out: bool) -> None:
+    """Convs N(0, numerator/fan), fan k*k*out (ImageNet reference) or k*k*in (CIFAR), biases 0."""
     for m in features.modules():
         if isinstance(m, nn.Conv2d):
             kh, kw = m.kernel_size
             channels = m.out_channels if fan_out else m.in_channels
-            normal_(m.weight, CONV_VARIANCE_NUMERATOR, kh * kw * channels)
+            normal_(m.weight, numerator, kh * kw * channels)
             nn.init.zeros_(m.bias)
 
 
@@ -109,30 +123,30 @@ def _out_channels(config: Sequence[int | str]) -> int:
 
 
 @register_model("cifar", "vgg11")
-def cifar_vgg11(norm: str, num_classes: int) -> VGG:
+def cifar_vgg11(norm: str, num_classes: int, width: float) -> VGG:
     """VGG-11 (configuration A) for 32x32 inputs."""
-    return VGG(CONFIGS["vgg11"], norm, num_classes, "cifar")
+    return VGG(CONFIGS["vgg11"], norm, num_classes, "cifar", width)
 
 
 @register_model("cifar", "vgg13")
-def cifar_vgg13(norm: str, num_classes: int) -> VGG:
+def cifar_vgg13(norm: str, num_classes: int, width: float) -> VGG:
     """VGG-13 (configuration B) for 32x32 inputs."""
-    return VGG(CONFIGS["vgg13"], norm, num_classes, "cifar")
+    return VGG(CONFIGS["vgg13"], norm, num_classes, "cifar", width)
 
 
 @register_model("cifar", "vgg16")
-def cifar_vgg16(norm: str, num_classes: int) -> VGG:
+def cifar_vgg16(norm: str, num_classes: int, width: float) -> VGG:
     """VGG-16 (configuration D) for 32x32 inputs."""
-    return VGG(CONFIGS["vgg16"], norm, num_classes, "cifar")
+    return VGG(CONFIGS["vgg16"], norm, num_classes, "cifar", width)
 
 
 @register_model("imagenet", "vgg11")
-def imagenet_vgg11(norm: str, num_classes: int) -> VGG:
+def imagenet_vgg11(norm: str, num_classes: int, width: float) -> VGG:
     """VGG-11 (configuration A) for 224x224 inputs."""
-    return VGG(CONFIGS["vgg11"], norm, num_classes, "imagenet")
+    return VGG(CONFIGS["vgg11"], norm, num_classes, "imagenet", width)
 
 
 @register_model("imagenet", "vgg16")
-def imagenet_vgg16(norm: str, num_classes: int) -> VGG:
+def imagenet_vgg16(norm: str, num_classes: int, width: float) -> VGG:
     """VGG-16 (configuration D) for 224x224 inputs."""
-    return VGG(CONFIGS["vgg16"], norm, num_classes, "imagenet")
+    return VGG(CONFIGS["vgg16"], norm, num_classes, "imagenet", width)

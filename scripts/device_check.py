@@ -26,7 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.memory import markdown_table  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from experiments.tables import markdown_table, write_table  # noqa: E402
 
 PAPER_ARCHS = ("vgg11", "vgg16", "resnet18", "resnet50", "squeezenet", "shufflenetv2")
 # The paper's Table 1: training memory (MB, nvidia-smi, one RTX 2080 Ti, CIFAR-100).
@@ -145,13 +147,9 @@ def short_run(args: argparse.Namespace) -> None:
 
 
 def _write_table(rows: list[dict[str, object]], stem: Path) -> None:
+    """`<stem>.csv` and `<stem>.md`; a key missing from a row (a failed run) is left blank."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    stem.with_suffix(".md").write_text(markdown_table([{k: r.get(k, "") for k in keys}
-                                                       for r in rows]) + "\n")
+    write_table(pd.DataFrame([{k: r.get(k, "") for k in keys} for r in rows]), stem)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -280,7 +280,11 @@ def test_resnet_init(dataset: str) -> None:
             assert m.bias is not None and not m.bias.any()
     assert std_ratio(model.fc.weight, 2.0, model.fc.in_features) == pytest.approx(1.0, abs=0.05)
     assert not model.fc.bias.any()
-    plain = build(dataset, "resnet18")
+
+
+def test_imagenet_plain_resnet_init() -> None:
+    """The CIFAR plain twin keeps PyTorch's defaults instead: tests/test_width.py."""
+    plain = build("imagenet", "resnet18")
     for m in plain.modules():
         if isinstance(m, nn.Conv2d):  # torchvision: kaiming normal, fan_out
             fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]

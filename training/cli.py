@@ -79,6 +79,10 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
     p.add_argument("--weight", choices=("none", "mean"), default="none",
                    help="'mean': weight-mean projection of the conv filters after every optimizer "
                         "step (with a _cbn arch this is MimicNorm)")
+    p.add_argument("--width", type=positive_float, default=1.0,
+                   help="multiply every hidden channel count by this (e.g. 0.25 for quick "
+                        "studies); topology, init rules and the convs weight mean centres stay "
+                        "those of the full-size network")
 
     data = p.add_argument_group("data")
     data.add_argument("-ds", "--dataset", choices=recipe.datasets, default=recipe.datasets[0],

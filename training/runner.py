@@ -104,7 +104,7 @@ def _load_split(args: argparse.Namespace, data: DataSource, rt: Runtime, train: 
 def _build_net(args: argparse.Namespace, data: DataSource, rt: Runtime, num_classes: int
                ) -> nn.Module:
     seed_everything(args.seed)  # the same initial weights in every process
-    net = models.create_model(args.arch, num_classes, data.recipe.family)
+    net = models.create_model(args.arch, num_classes, data.recipe.family, width=args.width)
     if args.sync_lastbn and rt.distributed:
         sync_last_bn_(net)
     fmt = torch.channels_last if args.channels_last else torch.preserve_format
