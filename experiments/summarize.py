@@ -150,7 +150,7 @@ def read_run(folder: Path, root: Path) -> pd.DataFrame:
     ident = {"run": folder.relative_to(root).as_posix(), "arch": arch, "variant": variant,
              "seed": seed, "width": width, "dataset": str(flags["dataset"]),
              "setting": setting_of(flags), "finished": len(log) >= epochs,
-             "diverged": (folder / DIVERGED).exists()}
+             "diverged": (folder / DIVERGED).exists(), "on_cpu": flags.get("gpu") == [-1]}
     return pd.concat([pd.DataFrame(ident, index=log.index), log], axis=1)
 
 
@@ -307,7 +307,13 @@ def setting_section(setting: str, summary: pd.DataFrame, runs: pd.DataFrame, tit
         lines.append("No finished runs.")
     else:
         paper = is_paper_setting(setting)
-        lines += [markdown_table(arch_table(summary, paper)), "", *NOTES]
+        table, notes = arch_table(summary, paper), list(NOTES)
+        if runs["on_cpu"].all():
+            table["memory MimicNorm/BN"] = math.nan
+            notes.append("- memory: left out, these runs were on the CPU (`--gpu -1`), where "
+                         "log.csv's peak_memory_mb is the process's peak resident set, libraries "
+                         "and earlier runs of the same process included.")
+        lines += [markdown_table(table), "", *notes]
         if paper:
             lines.append("- paper: the paper's CIFAR-100 top-1 (%), mean ± std of 3 runs; paper "
                          "memory: the ratio of its training memory (MB).")

@@ -210,6 +210,18 @@ def test_a_diverged_run_is_listed_as_diverged(runs_dir: Path, capsys) -> None:
     assert not runs.loc[runs["run"] != "vgg11_nobn/s0", "diverged"].any()
 
 
+def test_memory_ratio_is_left_out_for_cpu_runs(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "runs"
+    for (arch, weight), curves in CURVES.items():
+        for seed, accs in enumerate(curves):
+            write_run(root, arch, weight, seed, accs, gpu=[-1])
+    assert run_main([str(root)], capsys)[0] == 0
+    table = (root / "table.md").read_text()
+    assert "- memory: left out, these runs were on the CPU" in table
+    row = next(line for line in table.splitlines() if line.startswith("| resnet18 |"))
+    assert row.split(" | ")[-2] == "-"  # memory MimicNorm/BN, before images/s
+
+
 def test_log_columns_are_the_engines() -> None:
     """summarize keeps its own copy so that it runs without importing torch."""
     from training.logger import LOG_COLUMNS
