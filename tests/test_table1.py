@@ -36,6 +36,21 @@ def test_grid_crosses_archs_variants_seeds_then_the_extra_cells():
     assert len(set(cells)) == len(cells)
 
 
+def test_paper_preset_is_the_papers_study():
+    args = table1.get_args_parser().parse_args(["--paper"])
+    table1.apply_paper_preset(args)
+    cells = table1.study_cells(args)
+    assert len(cells) == 6 * 2 * 3 + 3
+    argv = table1.cell_argv(table1.Cell("resnet50", "mimicnorm", 2), args,
+                            ["-ds", "cifar100", "--data-dir", "Cifar/data"])
+    flags = " ".join(argv)
+    assert flags.startswith("-a resnet50_cbn --weight mean -ds cifar100 --data-dir Cifar/data")
+    for expected in ("--width 1.0", "-b 128", "-lr 0.1", "--epochs 150", "--warm 2",
+                     "--milestones 80 110 135", "--seed 2"):
+        assert expected in flags
+    assert "-b 256" in " ".join(table1.cell_argv(cells[0], args, []))
+
+
 def test_bad_extra_cell_is_one_line(capsys, tmp_path):
     assert table1.main([*TINY_STUDY, "--extra", "vgg11-bn", "--out-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --extra takes ARCH:VARIANT")
