@@ -60,6 +60,10 @@ class RunError(ValueError):
     """Why a run folder cannot be read."""
 
 
+class NoEpochLogged(RunError):
+    """log.csv holds its header only: the run stopped in its first epoch."""
+
+
 def read_args(path: Path) -> dict[str, object]:
     """The flags in a run's args.json; RunError if unreadable or lacking REQUIRED_ARGS."""
     try:
@@ -87,7 +91,7 @@ def read_log(path: Path) -> pd.DataFrame:
     except ValueError:
         raise RunError("log.csv is not a readable CSV file") from None
     if log.empty:
-        raise RunError("log.csv holds no epoch")
+        raise NoEpochLogged("log.csv holds no epoch")
     missing = [c for c in LOG_COLUMNS if c not in log.columns]
     if missing:
         raise RunError(f"log.csv lacks {', '.join(missing)}")
@@ -140,7 +144,14 @@ def parse_setting(setting: str) -> dict[str, object]:
 def read_run(folder: Path, root: Path) -> pd.DataFrame:
     """One row per epoch of the run in `folder`: its identity columns, then the log's."""
     flags = read_args(folder / "args.json")
-    log = read_log(folder / "log.csv")
+    diverged = (folder / DIVERGED).exists()
+    try:
+        log = read_log(folder / "log.csv")
+    except NoEpochLogged:
+        if not diverged:
+            raise
+        # Diverged in its first epoch: one placeholder row (epoch 0, no metrics) keeps it listed.
+        log = pd.DataFrame({c: [0 if c == "epoch" else math.nan] for c in LOG_COLUMNS})
     arch, variant = variant_of(str(flags["arch"]), str(flags.get("weight", "none")))
     try:
         seed, epochs = int(flags["seed"]), int(flags["epochs"])
@@ -150,7 +161,7 @@ def read_run(folder: Path, root: Path) -> pd.DataFrame:
     ident = {"run": folder.relative_to(root).as_posix(), "arch": arch, "variant": variant,
              "seed": seed, "width": width, "dataset": str(flags["dataset"]),
              "setting": setting_of(flags), "finished": len(log) >= epochs,
-             "diverged": (folder / DIVERGED).exists(), "on_cpu": flags.get("gpu") == [-1]}
+             "diverged": diverged, "on_cpu": flags.get("gpu") == [-1]}
     return pd.concat([pd.DataFrame(ident, index=log.index), log], axis=1)
 
 
@@ -294,7 +305,8 @@ def unfinished_lines(runs: pd.DataFrame) -> list[str]:
     if unfinished.empty:
         return []
     epochs = parse_setting(unfinished["setting"].iloc[0])["epochs"]
-    counts = unfinished.groupby("run").agg(epochs=("epoch", "size"), diverged=("diverged", "any"))
+    counts = unfinished.groupby("run").agg(epochs=("epoch", lambda e: int((e > 0).sum())),
+                                           diverged=("diverged", "any"))
     return ["", "Unfinished runs (not in the means):", ""] + [
         f"- {run}: {row.epochs} of {epochs} epochs" + (", diverged" if row.diverged else "")
         for run, row in counts.iterrows()]
