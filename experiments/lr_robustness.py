@@ -10,8 +10,8 @@ every learning rate, records the best test top-1 of each run and the test accura
     BN               <arch>
 
 The default is the CPU size (about 15 minutes on 2 cores): VGG-16 at a quarter of its width
-(`--width 0.25`) on a fixed class-balanced subset of the real CIFAR-10 images in --source (the first 200 training and 100 test
-images of each class, sorted by file name), 5 epochs. The paper's size (VGG-16, all of CIFAR-100,
+(`--width 0.25`) on a fixed class-balanced subset of the real CIFAR-10 images in --source (the
+first 200 training and 100 test images of each class, sorted by file name), 5 epochs. The paper's size (VGG-16, all of CIFAR-100,
 10 epochs, batch 256) on a GPU:
 
     python -m experiments.lr_robustness --width 1 --dataset cifar100 \
@@ -214,8 +214,8 @@ def main(args: argparse.Namespace) -> list[dict[str, object]]:
                             "train_loss": float(row.train_loss),
                             "test_acc1": float(row.test_acc1),
                             "epoch_seconds": float(row.epoch_seconds)})
-    caption = (f"{args.arch} at width {args.width:g}, {size}, {args.epochs} epochs, batch {args.batch_size}, warm-up "
-               f"{args.warm}, seed {args.seed}")
+    caption = (f"{args.arch} at width {args.width:g}, {size}, {args.epochs} epochs, batch "
+               f"{args.batch_size}, warm-up {args.warm}, seed {args.seed}")
     write_outputs(records, args, caption)
     print((args.out_dir / "table.md").read_text())
     return records

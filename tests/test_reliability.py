@@ -3,7 +3,6 @@ output folders. Each fault must cost at most the work since the last save, leave
 checkpoint loadable, and end in one line on stderr with its exit code."""
 from __future__ import annotations
 
-import io
 import os
 import random
 import signal
