@@ -20,6 +20,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from Cifar.utils import CIFAR_RECIPE, NORMALIZATION
 from training import SeededSamples, SyntheticImages, UsageError
+from training.data import synthetic_classes
 from training.device_loader import CropFlipRotate, TensorImages
 from training.engine import loader_batches
 from training.errors import DataError
@@ -47,8 +48,8 @@ class CifarData:
 
     recipe = CIFAR_RECIPE
 
-    def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, int]:
-        """The split `-ds` selects and its number of classes, as `TensorImages` with `--loader
+    def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, list[str]]:
+        """The split `-ds` selects and its class names, as `TensorImages` with `--loader
         device`; missing files raise UsageError."""
         if args.loader == "device":
             data = load_tensors(args, train)
@@ -58,7 +59,7 @@ class CifarData:
             transform = transforms.Compose(augmentation()) if train else None
             data = SyntheticImages(n_train if train else n_test, SYNTHETIC_CLASSES, IMAGE_SIZE,
                                    offset=0 if train else n_train, transform=transform)
-            return data, SYNTHETIC_CLASSES
+            return data, synthetic_classes(SYNTHETIC_CLASSES)
         transform = image_transform(args.dataset, train)
         if args.dataset == "folder":
             return _image_folder(Path(args.data_dir) / ("train" if train else "test"), transform)
@@ -76,7 +77,8 @@ def load_tensors(args: argparse.Namespace, train: bool) -> TensorImages:
         pairs = [data[i] for i in range(len(data))]
         images = torch.stack([image for image, _ in pairs])
         labels = torch.tensor([label for _, label in pairs])
-        return TensorImages(images, labels, [0.0] * 3, [1.0] * 3, SYNTHETIC_CLASSES, augment)
+        return TensorImages(images, labels, [0.0] * 3, [1.0] * 3,
+                            synthetic_classes(SYNTHETIC_CLASSES), augment)
     if args.dataset == "folder":
         folder, classes = _image_folder(Path(args.data_dir) / ("train" if train else "test"),
                                         _exact_size_uint8)
@@ -105,7 +107,7 @@ def _decode_all(folder: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _image_folder(root: Path, transform: Callable) -> tuple[Dataset, int]:
+def _image_folder(root: Path, transform: Callable) -> tuple[Dataset, list[str]]:
     if not root.is_dir():
         raise UsageError(f"-ds folder needs an ImageFolder tree {root}/<class>/<image>, "
                          f"which does not exist")
@@ -113,11 +115,11 @@ def _image_folder(root: Path, transform: Callable) -> tuple[Dataset, int]:
         data = datasets.ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"cannot use {root} as an ImageFolder tree: {e}") from None
-    return data, len(data.classes)
+    return data, list(data.classes)
 
 
 def _torchvision_cifar(name: str, root: Path, train: bool, transform: transforms.Compose | None
-                       ) -> tuple[Dataset, int]:
+                       ) -> tuple[Dataset, list[str]]:
     cls = datasets.CIFAR100 if name == "cifar100" else datasets.CIFAR10
     try:
         data = cls(root, train=train, transform=transform, download=False)
@@ -127,5 +129,6 @@ def _torchvision_cifar(name: str, root: Path, train: bool, transform: transforms
         except (OSError, RuntimeError) as e:
             raise UsageError(f"{name} is not in {root} and could not be downloaded ({e}); put "
                              f"{cls.filename} (or its extracted {cls.base_folder}/ folder) in "
-                             f"{root}, or pass --data-dir") from None
-    return data, len(data.classes)
+                             f"{root} or pass --data-dir, or train on your own images with -ds "
+                             "folder or on generated ones with -ds synthetic") from None
+    return data, list(data.classes)

@@ -8,6 +8,7 @@ from training import Recipe, get_args_parser as engine_args_parser
 
 CIFAR_RECIPE = Recipe(
     family="cifar",
+    eval_split="test",
     datasets=("cifar100", "cifar10", "folder", "synthetic"),
     data_dir=str(Path(__file__).resolve().parent / "data"),
     batch_size=256,

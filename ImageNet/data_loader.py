@@ -1,7 +1,7 @@
 """ImageNet data: the LMDB dataset, the ImageFolder fallback and the recipe's transforms.
 
 ``--data-dir DIR`` holds ``train.lmdb`` and ``val.lmdb`` (written by ``folder2lmdb.py``), or
-``train/`` and ``val/`` ImageFolder trees with ``--data-format folder``. Both give the same labels.
+``train/`` and ``val/`` ImageFolder trees with ``-ds folder``. Both give the same labels.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             return img.convert("RGB")
     except UnidentifiedImageError:
         raise DataError(f"{name}: {UNKNOWN_IMAGE_FORMAT}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{name}: not a decodable image ({exc})") from None
 
 
@@ -156,19 +156,3 @@ def load_split(
     if data_format == "folder":
         return image_folder(data_dir / split, transform)
     raise ValueError(f"data format {data_format!r}: expected one of {DATA_FORMATS}")
-
-
-def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
-    """Train and val splits from ``args.data_dir``, ``data_format``, ``image_size`` and
-    ``val_resize``, and the number of classes."""
-    splits = [
-        load_split(args.data_dir, args.data_format, train, args.image_size, args.val_resize)
-        for train in (True, False)
-    ]
-    train, val = splits
-    if train.classes != val.classes:
-        raise ValueError(
-            f"{args.data_dir}: train has {len(train.classes)} classes and val "
-            f"{len(val.classes)}, or their names differ; both must list the same classes"
-        )
-    return train, val, len(train.classes)

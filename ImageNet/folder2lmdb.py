@@ -39,6 +39,7 @@ from ImageNet.lmdb_format import (
     PROGRESS_KEY,
     Index,
     LMDBFormatError,
+    check_file_size,
     encode_index,
     load_index,
     read_index,
@@ -147,11 +148,17 @@ def _check_existing(dst: Path, index: Index) -> Index:
 
 def _open_for_writing(path: Path) -> lmdb.Environment:
     try:
-        return lmdb.open(
+        env = lmdb.open(
             str(path), subdir=False, map_size=INITIAL_MAP_SIZE, readahead=False, meminit=False
         )
     except lmdb.Error as exc:
         raise ConversionError(f"{path}: cannot open for writing ({exc})") from exc
+    try:
+        check_file_size(env, path)  # a truncated partial file would end in SIGBUS
+    except LMDBFormatError as exc:
+        env.close()
+        raise ConversionError(f"{exc}; delete it to start the conversion over") from None
+    return env
 
 
 def _resume_point(env: lmdb.Environment, path: Path, index: Index) -> int:

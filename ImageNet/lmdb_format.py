@@ -113,7 +113,7 @@ def open_readonly(path: Path) -> lmdb.Environment:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such LMDB database")
     try:
-        return lmdb.open(
+        env = lmdb.open(
             str(path),
             subdir=path.is_dir(),
             readonly=True,
@@ -123,6 +123,28 @@ def open_readonly(path: Path) -> lmdb.Environment:
         )
     except lmdb.Error as exc:
         raise LMDBFormatError(f"{path}: not a readable LMDB database ({exc})") from exc
+    try:
+        check_file_size(env, path)
+    except LMDBFormatError as exc:
+        env.close()
+        raise LMDBFormatError(f"{exc}; copy it again or re-run folder2lmdb.py") from None
+    return env
+
+
+def check_file_size(env: lmdb.Environment, path: Path) -> None:
+    """Refuse a database file shorter than its own header says (a truncated or half-copied file).
+
+    LMDB maps the file into memory, so reading a page past the end of a truncated file kills the
+    process with SIGBUS; the header's last page number times the page size is the size it needs.
+    """
+    data_file = path / "data.mdb" if path.is_dir() else path
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = os.path.getsize(data_file)
+    if actual < needed:
+        raise LMDBFormatError(
+            f"{data_file}: truncated LMDB file ({actual} of the {needed} bytes its header "
+            "requires)"
+        )
 
 
 # py-lmdb allows one handle per database file and process, and a handle must not be used across a

@@ -19,6 +19,7 @@ import training  # noqa: E402
 from ImageNet.data_loader import default_val_resize, load_split  # noqa: E402
 from ImageNet.lmdb_format import LMDBFormatError  # noqa: E402
 from ImageNet.utils import IMAGENET_RECIPE, get_args_parser  # noqa: E402
+from training.data import synthetic_classes  # noqa: E402
 
 SYNTHETIC_CLASSES = 1000
 
@@ -28,19 +29,19 @@ class ImageNetData:
 
     recipe = IMAGENET_RECIPE
 
-    def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, int]:
-        """The split `-ds` selects and its number of classes; bad data raises UsageError."""
+    def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, list[str]]:
+        """The split `-ds` selects and its class names; bad data raises UsageError."""
         if args.dataset == "synthetic":
             n_train, n_test = args.synthetic_size
             data = training.SyntheticImages(n_train if train else n_test, SYNTHETIC_CLASSES,
                                             args.image_size, offset=0 if train else n_train)
-            return data, SYNTHETIC_CLASSES
+            return data, synthetic_classes(SYNTHETIC_CLASSES)
         val_resize = args.val_resize or default_val_resize(args.image_size)
         try:
             data = load_split(Path(args.data_dir), args.dataset, train, args.image_size, val_resize)
         except (FileNotFoundError, LMDBFormatError, ValueError) as e:
             raise training.UsageError(str(e)) from None
-        return data, len(data.classes)
+        return data, list(data.classes)
 
 
 def main(argv: list[str] | None = None) -> int:

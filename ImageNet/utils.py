@@ -9,6 +9,7 @@ from training import Recipe, get_args_parser as engine_args_parser
 
 IMAGENET_RECIPE = Recipe(
     family="imagenet",
+    eval_split="val",
     datasets=("lmdb", "folder", "synthetic"),
     data_dir=str(Path(__file__).resolve().parent / "data"),
     batch_size=256,

@@ -30,7 +30,7 @@ def _log(run_dir):
 def test_every_mimicnorm_model_trains_a_few_steps(tmp_path, arch):
     result = _run(tmp_path, "-a", arch, "--weight", "mean", "--epochs", "1", "--max-steps", "2")
     assert sorted(p.name for p in result.run_dir.iterdir()) == [
-        "args.json", "best.pt", "last.pt", "log.csv"]
+        ".lock", "args.json", "best.pt", "last.pt", "log.csv"]
     (row,) = _log(result.run_dir)
     assert row["epoch"] == "1" and all(v != "" for v in row.values())
     assert torch.isfinite(torch.tensor(result.metrics["train_loss"]))

@@ -18,7 +18,8 @@ ON_GPU = [*[f for f in TINY if f not in ("--gpu", "-1")], "--gpu", "0", "-j", "0
 def test_device_pipeline_on_cuda_equals_the_cpu_one():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
-    data = TensorImages(images, torch.arange(64), [0.5] * 3, [0.25] * 3, 64, CropFlipRotate())
+    data = TensorImages(images, torch.arange(64), [0.5] * 3, [0.25] * 3,
+                        [str(i) for i in range(64)], CropFlipRotate())
     index = torch.randperm(64, generator=g)[:48]
     on_cpu, labels_cpu = data.batch(index, seed=5, epoch=2)
     on_gpu, labels_gpu = data.to(torch.device("cuda")).batch(index, seed=5, epoch=2)

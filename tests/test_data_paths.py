@@ -87,8 +87,8 @@ def test_images_do_not_depend_on_workers_or_persistence():
 def _random_split(n: int, seed: int = 0) -> TensorImages:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(1, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return TensorImages(images, torch.arange(n), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], n,
-                        CropFlipRotate())
+    return TensorImages(images, torch.arange(n), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3],
+                        [str(i) for i in range(n)], CropFlipRotate())
 
 
 def test_hash_is_exact_32_bit_arithmetic():
@@ -139,7 +139,7 @@ def test_rotation_turns_a_known_image_counter_clockwise():
     """A bright pixel right of the centre moves up for positive angles (PIL's direction)."""
     image = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
     image[0, 0, 15, 25] = 255
-    data = TensorImages(image, torch.zeros(1), [0.0], [1.0], 1,
+    data = TensorImages(image, torch.zeros(1), [0.0], [1.0], ["0"],
                         CropFlipRotate(padding=0, degrees=15))
     for seed in range(40):
         params = data.augment.parameters(seed, 0, torch.tensor([0]))
@@ -199,7 +199,7 @@ def test_folder_test_split_is_the_same_bits_on_both_paths(tmp_path):
     for loader in ("pil", "device"):
         args = _cifar_args(*flags, "--loader", loader)
         test_set, classes = CifarData().load(args, train=False)
-        assert classes == 2
+        assert len(classes) == 2
         _, test_loader = training.build_loaders(None, test_set, args, rt)
         with loader_batches(test_loader) as it:
             batches[loader] = list(it)

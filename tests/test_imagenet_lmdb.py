@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import pickle
@@ -22,12 +21,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms.functional import pil_to_tensor
 
 from ImageNet import folder2lmdb
-from ImageNet.data_loader import (
-    LMDBImageFolder,
-    add_data_arguments,
-    build_datasets,
-    default_val_resize,
-)
+from ImageNet.data_loader import LMDBImageFolder, default_val_resize, load_split
 from ImageNet.lmdb_format import LMDBFormatError, load_index, shared_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,14 +50,6 @@ def db_items(path: Path) -> dict[bytes, bytes]:
 def pixel_key(image: Image.Image | torch.Tensor) -> str:
     tensor = image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))
     return hashlib.sha1(tensor.numpy().tobytes()).hexdigest()
-
-
-def data_args(data_dir: Path, data_format: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_data_arguments(parser)
-    args = parser.parse_args(["--image-size", "24"])
-    args.data_dir, args.data_format = data_dir, data_format
-    return args
 
 
 def convert(src: Path, dst: Path, *extra: str) -> int:
@@ -190,33 +176,29 @@ def test_two_workers_yield_every_sample_once_per_epoch(tree: Path, db: Path) -> 
 
 
 @pytest.mark.parametrize("data_format", ["lmdb", "folder"])
-def test_build_datasets(tree: Path, db: Path, tmp_path: Path, data_format: str) -> None:
+def test_load_split(tree: Path, db: Path, tmp_path: Path, data_format: str) -> None:
     (tmp_path / "train.lmdb").symlink_to(db)
     (tmp_path / "val.lmdb").symlink_to(db)
     (tmp_path / "train").symlink_to(tree, target_is_directory=True)
     (tmp_path / "val").symlink_to(tree, target_is_directory=True)
-    args = data_args(tmp_path, data_format)
-    train, val, num_classes = build_datasets(args)
-    assert num_classes == len(CLASSES) and len(train) == len(val) == len(CLASSES) * PER_CLASS
+    train, val = (load_split(tmp_path, data_format, split, image_size=24) for split in (True, False))
+    assert train.classes == val.classes == list(CLASSES)
+    assert len(train) == len(val) == len(CLASSES) * PER_CLASS
     assert list(train.targets) == ImageFolder(str(tree)).targets
     (x, y), (v, _) = train[0], val[0]
     assert x.shape == v.shape == (3, 24, 24) and x.dtype == torch.float32 and y == 0
     assert default_val_resize(224) == 256 and default_val_resize(24) == 27
 
 
-def test_build_datasets_errors(tree: Path, db: Path, tmp_path: Path) -> None:
-    args = data_args(tmp_path / "nope", "lmdb")
+def test_load_split_errors(tree: Path, db: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--data-dir"):
-        build_datasets(args)
-    args.data_dir = tmp_path
+        load_split(tmp_path / "nope", "lmdb", True)
     with pytest.raises(FileNotFoundError, match="train.lmdb: no such LMDB database"):
-        build_datasets(args)
-    args.data_format = "folder"
-    (tmp_path / "train").symlink_to(tree, target_is_directory=True)
+        load_split(tmp_path, "lmdb", True)
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "ant").mkdir()
     with pytest.raises(FileNotFoundError, match="val"):
-        build_datasets(args)
+        load_split(tmp_path, "folder", False)
 
 
 def _assert_clean_error(code: int, err: str, *expected: str) -> None:

@@ -323,7 +323,7 @@ def _edited(**changes):
     (_truncated(0.999), [], "cannot read checkpoint"),
     (lambda good, p: p.write_bytes(random.Random(0).randbytes(5000)), [], "cannot read checkpoint"),
     (lambda good, p: torch.save({"model": {}}, p), [], "is not a mimicnorm training checkpoint"),
-    (_edited(version=1), [], "has format version 1, this code reads version 2"),
+    (_edited(version=1), [], "has format version 1, this code reads versions 2, 3"),
     (_edited(), ["-a", "squeezenet"], "arch squeezenet_cbn, this run has arch squeezenet"),
     (_edited(num_classes=10), [], "num_classes 10, this run has num_classes 100"),
     (_edited(dataset="cifar10"), [], "dataset cifar10, this run has dataset synthetic"),

@@ -1,6 +1,7 @@
 """Checkpoints: one dict format, written atomically, validated on load, kept as last.pt/best.pt."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
@@ -9,10 +10,16 @@ from typing import Any
 
 import torch
 
+from .data import class_difference
 from .errors import RunError, UsageError
 
 CHECKPOINT_FORMAT = "mimicnorm-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: mid-epoch position (step, steps_per_epoch, world_size, epoch_totals)
+# 2: mid-epoch position (step, steps_per_epoch, world_size, epoch_totals).
+# 3: family, width and classes in the header; "pending_eval": the training part of the log row in
+#    the checkpoint written when an epoch's training ends, before its evaluation (None otherwise);
+#    "row": the epoch's log row in the one written after its evaluation (None otherwise).
+CHECKPOINT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 RECOVERY_GLOB = "step-*.pt"
 
 
@@ -25,7 +32,14 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:
+                if "inline_container" not in str(e):  # not the zip writer: a bug, keep it
+                    raise
+                # The zip writer reports a failed write (full disk, file-size limit) this way.
+                raise OSError(errno.EIO, "the file could not be written completely (is the "
+                                         "disk full?)") from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,8 +79,10 @@ def _replace_with_copy(src: Path, dst: Path) -> None:
 def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any]) -> dict[str, Any]:
     """Load a training checkpoint (`weights_only=True`, on the CPU) and check it against `expect`.
 
-    `expect` maps header keys ("arch", "num_classes", "dataset") to the values this run needs; any
-    problem, from a missing file to another architecture, raises UsageError with one line.
+    `expect` maps header keys ("family", "arch", "width", "num_classes", "classes", "dataset") to
+    the values this run needs; any problem, from a missing file to another architecture, raises
+    UsageError with one line. A version-2 checkpoint is read as version 3 (`upgrade_v2`); what it
+    did not record (family, classes) is not checked.
     """
     path = Path(path)
     if not path.is_file():
@@ -77,14 +93,31 @@ def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any]) -> dict[str
         raise UsageError(f"cannot read checkpoint {path}: {_load_failure(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a mimicnorm training checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
+    if ckpt.get("version") not in READABLE_VERSIONS:
         raise UsageError(f"checkpoint {path} has format version {ckpt.get('version')}, "
-                         f"this code reads version {CHECKPOINT_VERSION}")
+                         f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if ckpt["version"] == 2:
+        ckpt = upgrade_v2(ckpt)
     for key, wanted in expect.items():
-        if ckpt.get(key) != wanted:
-            raise UsageError(f"checkpoint {path} was made with {key} {ckpt.get(key)}, "
-                             f"this run has {key} {wanted}")
+        _check_header(path, key, ckpt.get(key), wanted)
     return ckpt
+
+
+def upgrade_v2(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 checkpoint in version 3's layout: nothing pending, no log row, family and
+    classes unknown (None), width from its flags."""
+    width = ckpt.get("args", {}).get("width", 1.0)
+    return {**ckpt, "version": 3, "family": None, "classes": None, "width": width,
+            "pending_eval": None, "row": None}
+
+
+def _check_header(path: Path, key: str, found: Any, wanted: Any) -> None:
+    if found is None or found == wanted:
+        return
+    if key == "classes":
+        difference = class_difference(found, wanted, "the checkpoint", "this run's data")
+        raise UsageError(f"checkpoint {path} was trained on other classes: {difference}")
+    raise UsageError(f"checkpoint {path} was made with {key} {found}, this run has {key} {wanted}")
 
 
 def _load_failure(error: Exception) -> str:

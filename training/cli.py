@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 import models
@@ -15,6 +16,7 @@ class Recipe:
 
     family: str  # model registry family and weight-mean rule: "cifar" or "imagenet"
     datasets: tuple[str, ...]  # choices of -ds; the first is the default
+    eval_split: str  # folder of the held-out split of -ds folder: "test" or "val"
     data_dir: str
     batch_size: int
     lr: float
@@ -25,8 +27,15 @@ class Recipe:
     warm: int = 2
     lr_batch: int | None = None  # lr is for this global batch and scales linearly; None: fixed
     momentum: float = 0.9
-    workers: int = 4
+    workers: int = 4  # data-loading processes, at most one per available CPU
     synthetic_size: tuple[int, int] = (5000, 1000)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def positive_int(text: str) -> int:
@@ -86,13 +95,15 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
 
     data = p.add_argument_group("data")
     data.add_argument("-ds", "--dataset", choices=recipe.datasets, default=recipe.datasets[0],
-                      help="'folder': train/ and test/ ImageFolder trees under --data-dir; "
-                           "'synthetic': generated images, no files needed")
+                      help=f"'folder': train/ and {recipe.eval_split}/ ImageFolder trees under "
+                           "--data-dir; 'synthetic': generated images, no files needed")
     data.add_argument("--data-dir", default=recipe.data_dir, help="where the dataset lives")
     data.add_argument("--synthetic-size", nargs=2, type=positive_int, metavar=("TRAIN", "TEST"),
                       default=list(recipe.synthetic_size), help="image counts of -ds synthetic")
-    data.add_argument("-j", "--workers", type=non_negative_int, default=recipe.workers,
-                      help="data-loading processes per training process")
+    data.add_argument("-j", "--workers", type=non_negative_int,
+                      default=min(recipe.workers, available_cpus()),
+                      help=f"data-loading processes per training process (default: "
+                           f"{recipe.workers} or the CPUs available, if fewer)")
 
     optim = p.add_argument_group("recipe")
     optim.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size,
@@ -140,7 +151,8 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
     run.add_argument("--evaluate", action="store_true",
                      help="only test the --resume checkpoint on the test set")
     run.add_argument("--max-steps", type=positive_int, default=None,
-                     help="at most this many optimizer steps per epoch (smoke runs)")
+                     help="at most this many optimizer steps per epoch and test batches per "
+                          "evaluation (smoke runs)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (they are also off when stderr is not a terminal)")
 

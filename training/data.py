@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .cli import Recipe
@@ -21,9 +21,29 @@ class DataSource(Protocol):
 
     recipe: Recipe  # the command line's defaults; its family picks models and weight-mean rule
 
-    def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, int]:
-        """The training or test split selected by `args` and its number of classes."""
+    def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, list[str]]:
+        """The training or test split selected by `args` and its class names (label order)."""
         ...
+
+
+def synthetic_classes(count: int) -> list[str]:
+    """Class names of generated data: "synthetic-0", "synthetic-1", ..."""
+    return [f"synthetic-{i}" for i in range(count)]
+
+
+def class_difference(ours: list[str], theirs: list[str], our_name: str, their_name: str
+                     ) -> str | None:
+    """How two class lists differ, in a few words (None when they are equal): the names only one
+    of them has (at most 5 each), or that the same names come in another label order."""
+    if list(ours) == list(theirs):
+        return None
+    only = [(name, sorted(set(a) - set(b))) for name, a, b in
+            ((our_name, ours, theirs), (their_name, theirs, ours))]
+    parts = [f"only {name} has {len(names)}: {', '.join(names[:5])}"
+             + (", ..." if len(names) > 5 else "") for name, names in only if names]
+    if not parts:
+        return f"{our_name} and {their_name} have the same classes in another label order"
+    return f"{len(ours)} classes in {our_name}, {len(theirs)} in {their_name}; " + "; ".join(parts)
 
 
 class SyntheticImages(Dataset):
@@ -92,7 +112,8 @@ class SeededSamples(Dataset):
         except UnidentifiedImageError:
             raise DataError(f"cannot read {_sample_name(self.dataset, index)}: "
                             f"{UNKNOWN_IMAGE_FORMAT}") from None
-        except (OSError, ValueError, SyntaxError) as e:  # PIL, LMDB and file-system failures
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # PIL (also a header claiming a huge image), LMDB and file-system failures
             raise DataError(f"cannot read {_sample_name(self.dataset, index)}: {e}") from None
 
 

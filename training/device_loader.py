@@ -93,12 +93,12 @@ class CropFlipRotate:
 class TensorImages(Dataset):
     """A split as tensors: images (N, C, H, W), uint8 or float, labels (N,), the per-channel
     `mean` and `std` that normalise them (of images scaled to [0, 1] if uint8, as ToTensor
-    does), and the training `augment`."""
+    does), the class names and the training `augment`."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
-                 std: Sequence[float], classes: int, augment: CropFlipRotate | None = None
-                 ) -> None:
-        self.images, self.labels, self.classes = images, labels.long(), classes
+                 std: Sequence[float], classes: Sequence[str],
+                 augment: CropFlipRotate | None = None) -> None:
+        self.images, self.labels, self.classes = images, labels.long(), list(classes)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment = augment

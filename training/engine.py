@@ -168,13 +168,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device: torch.device, *,
              amp: str | None = None, channels_last: bool = False, progress: bool = False,
+             max_batches: int | None = None, check_stop: Callable[[], None] | None = None,
              desc: str = "test") -> dict[str, float]:
-    """Loss, top-1 and top-5 (%) of `model` in eval mode over `loader`, summed over processes."""
+    """Loss, top-1 and top-5 (%) of `model` in eval mode over `loader` (its first `max_batches`
+    batches when given), summed over processes. `check_stop` is called after every batch and
+    may raise to abandon the evaluation (a stop signal)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, top-1, top-5, n
+    batches_total = min(len(loader), max_batches or len(loader))
     with loader_batches(loader) as batches:
-        for images, target in tqdm(batches, total=len(loader), desc=desc, disable=not progress,
-                                   leave=False, dynamic_ncols=True):
+        for images, target in tqdm(itertools.islice(batches, batches_total), total=batches_total,
+                                   desc=desc, disable=not progress, leave=False,
+                                   dynamic_ncols=True):
             images, target = _batch_to(images, target, device, channels_last)
             with autocast(device, amp):
                 output = model(images)
@@ -183,6 +188,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
             top1, top5 = correct_topk(output, target, [1, 5])
             totals += torch.stack([loss.double() * n, top1.double(), top5.double(),
                                    totals.new_tensor(n)])
+            if check_stop is not None:
+                check_stop()
     loss_sum, top1, top5, count = all_reduce_sum(totals).tolist()
     count = max(count, 1)
     return {"loss": loss_sum / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count}

@@ -19,8 +19,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    """Context manager: the first SIGTERM/SIGINT asks the run to stop after its current step (it
-    then saves and exits); a second one aborts at once with KeyboardInterrupt.
+    """Context manager: the first SIGTERM/SIGINT asks the run to stop after its current step or
+    test batch (it then saves, unless the epoch's training is saved already, and exits); a second
+    one aborts at once with KeyboardInterrupt.
 
     Outside the main thread signals cannot be caught, and the manager does nothing.
     """
@@ -48,8 +49,9 @@ class StopSignals:
         if self.received is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
         self.received = signal.Signals(signum)
-        os.write(2, f"\n{self.received.name} received: stopping after this step to save a "
-                    f"recovery checkpoint (send it again to abort without saving)\n".encode())
+        os.write(2, f"\n{self.received.name} received: stopping after this step or test batch, "
+                    f"with a recovery checkpoint (send it again to abort without saving)\n"
+                    .encode())
 
 
 @dataclass

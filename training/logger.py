@@ -14,14 +14,20 @@ LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc
 
 
 class CsvLog:
-    """log.csv of a run. Resuming after epoch k keeps rows 1..k and drops any later ones."""
+    """log.csv of a run. Resuming after epoch k keeps rows 1..k and drops any later ones; when
+    row k is missing (a run cut between its checkpoint and its log line), `last_row`, the
+    checkpoint's copy of it, is written in its place."""
 
-    def __init__(self, path: str | os.PathLike, resume_epoch: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, resume_epoch: int | None = None,
+                 last_row: dict[str, float] | None = None) -> None:
         self.path = Path(path)
         rows = []
         if resume_epoch is not None and self.path.is_file():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+        if last_row is not None and last_row["epoch"] == resume_epoch and (
+                not rows or int(rows[-1]["epoch"]) < resume_epoch):
+            rows.append(_formatted(last_row))
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, LOG_COLUMNS)
             writer.writeheader()
@@ -30,8 +36,11 @@ class CsvLog:
     def write(self, row: dict[str, float]) -> None:
         """Append one epoch's row (keys: LOG_COLUMNS)."""
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_COLUMNS).writerow(
-                {k: row[k] if k == "epoch" else f"{row[k]:.6g}" for k in LOG_COLUMNS})
+            csv.DictWriter(f, LOG_COLUMNS).writerow(_formatted(row))
+
+
+def _formatted(row: dict[str, float]) -> dict[str, str | int]:
+    return {k: row[k] if k == "epoch" else f"{row[k]:.6g}" for k in LOG_COLUMNS}
 
 
 def format_row(row: dict[str, float], epochs: int) -> str:
