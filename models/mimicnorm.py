@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.hooks import RemovableHandle
 
 # Centring a filter removes about 1/pi of the variance a ReLU network passes on; the reference
 # initialisations multiply std (and the residual scalars) by 1/sqrt(1 - 1/pi) ~= 1.2 to compensate.
@@ -117,6 +118,19 @@ class WeightMean:
         return len(self.weights)
 
 
+def attach_weight_mean(
+    optimizer: torch.optim.Optimizer, model: nn.Module, rule: CentringRule = CIFAR_RULE
+) -> RemovableHandle:
+    """Centre `model`'s selected filters now and after every `optimizer.step()`.
+
+    The projection is an optimizer step post-hook (it runs only when a step ran, e.g. not when a
+    GradScaler skips one); the returned handle's `remove()` detaches it.
+    """
+    project = WeightMean(model, rule)
+    project()
+    return optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: project())
+
+
 def weight_mean_(model: nn.Module, rule: CentringRule = CIFAR_RULE) -> nn.Module:
     """Centre the selected conv filters of `model` once, in place; returns `model`."""
     centre_filters_(centred_conv_weights(model, rule))
@@ -124,7 +138,10 @@ def weight_mean_(model: nn.Module, rule: CentringRule = CIFAR_RULE) -> nn.Module
 
 
 class LastBN(nn.Module):
-    """BatchNorm1d(num_classes, affine=False) on the logits, computed in float32 under autocast."""
+    """BatchNorm1d(num_classes, affine=False) on the logits, in float32 at least (autocast too).
+
+    Lower-precision logits are cast to float32; float64 ones (a `.double()` network) stay float64.
+    """
 
     def __init__(self, num_classes: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
@@ -132,7 +149,7 @@ class LastBN(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            return self.bn(logits.float())
+            return self.bn(logits.to(torch.promote_types(logits.dtype, torch.float32)))
 
 
 def residual_scale_init(block_index: int, convs_in_branch: int) -> float:

@@ -5,6 +5,7 @@ import multiprocessing
 from typing import Iterator
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +15,13 @@ def no_worker_processes_left() -> Iterator[None]:
     yield
     left = multiprocessing.active_children()
     assert not left, f"worker processes still running after the test: {left}"
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): one
+    thread avoids contention on the shared CPU cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,6 +14,9 @@ seeds 0-2, 3 epochs of 6 steps (24 generated images, batch 4, warm-up 1 epoch):
 from __future__ import annotations
 
 STABLE_LR = 0.02  # every test that assumes training stays finite
+# --amp fp16: under a last BN on batches of 4 the body's output grows step by step (17 -> 17,000
+# in 12 steps at STABLE_LR), near float16's 65,504; at FP16_LR it stays below 40.
+FP16_LR = 0.002
 HOT_LR = 0.1  # the divergence test: no normalisation diverges, MimicNorm trains
 MARGIN_LRS = {"cbn_finite": 0.2, "nobn_diverges": 0.02}  # what test_margins.py checks
 

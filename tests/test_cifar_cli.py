@@ -58,6 +58,9 @@ def test_missing_cifar_offline_says_where_to_put_it(capsys, tmp_path):
     line = _error_line(capsys)
     assert code == 2
     assert f"cifar100 is not in {tmp_path}" in line and "cifar-100-python.tar.gz" in line
+    assert "-ds folder" in line and "-ds synthetic" in line  # what works offline
+    quick_start = (REPO / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
+    assert "-ds synthetic" in quick_start and "-ds folder" in quick_start
 
 
 def test_missing_image_folder(capsys, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from Cifar.main import main
-from tests.recipes import TINY
+from tests.recipes import FP16_LR, TINY
 from training.device_loader import CropFlipRotate, TensorImages
 
 pytestmark = [pytest.mark.cuda,
@@ -26,8 +26,9 @@ def test_device_pipeline_on_cuda_equals_the_cpu_one():
     assert torch.equal(on_cpu, on_gpu.cpu()) and torch.equal(labels_cpu, labels_gpu.cpu())
 
 
-@pytest.mark.parametrize("flags", [["--amp", "fp16"], ["--amp", "bf16", "--channels-last"],
-                                   ["--compile"], ["--loader", "device", "--amp", "fp16"]],
+@pytest.mark.parametrize("flags", [["--amp", "fp16", "-lr", str(FP16_LR)],
+                                   ["--amp", "bf16", "--channels-last"], ["--compile"],
+                                   ["--loader", "device", "--amp", "fp16", "-lr", str(FP16_LR)]],
                          ids=["fp16", "bf16-channels-last", "compile", "device-loader-fp16"])
 def test_training_runs_on_the_gpu(tmp_path, flags):
     assert main([*ON_GPU, *flags, "--epochs", "2", "--out-dir", str(tmp_path),

@@ -18,7 +18,7 @@ import training
 from Cifar.data_loader import CifarData
 from Cifar.main import main
 from Cifar.utils import get_args_parser
-from tests.recipes import TINY
+from tests.recipes import FP16_LR, TINY
 from training.data import sample_seed
 from training.device_loader import CropFlipRotate, DeviceLoader, TensorImages, hash32
 from training.engine import loader_batches
@@ -231,7 +231,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("flags", [["--loader", "pil", "-j", "2"], ["--loader", "device"],
-                                   ["--loader", "device", "--amp", "fp16"]],
+                                   ["--loader", "device", "--amp", "fp16", "-lr", str(FP16_LR)]],
                          ids=["pil-2-workers", "device", "device-fp16"])
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, flags):
     common = [*TINY, *flags, "--epochs", "2", "--out-dir", str(tmp_path)]

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import lmdb
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,25 +22,9 @@ from torchvision.transforms.functional import pil_to_tensor
 from ImageNet import folder2lmdb
 from ImageNet.data_loader import LMDBImageFolder, default_val_resize, load_split
 from ImageNet.lmdb_format import LMDBFormatError, load_index, shared_env
+from tests.helpers import CLASSES, PER_CLASS, make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
-CLASSES = ("ant", "bee", "cat")
-PER_CLASS = 5
-SIZE = 40
-
-
-def make_image_folder(root: Path, seed: int = 0) -> Path:
-    """CLASSES x PER_CLASS random-noise images, SIZE x SIZE; one PNG among the JPEGs."""
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for k in range(PER_CLASS):
-            pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-            fmt = "png" if (label, k) == (1, 2) else "jpg"
-            Image.fromarray(pixels).save(root / name / f"{k:03d}.{fmt}")
-    return root
-
-
 def db_items(path: Path) -> dict[bytes, bytes]:
     with shared_env(path).begin() as txn:
         return dict(txn.cursor())

@@ -15,7 +15,7 @@ from ImageNet.main import main
 from ImageNet.utils import IMAGENET_RECIPE, get_args_parser
 from training import Runtime
 from training.runner import resolve_defaults
-from tests.test_imagenet_lmdb import make_image_folder
+from tests.helpers import make_image_folder
 
 COMMON = ["--image-size", "32", "--val-resize", "36", "-b", "4", "-j", "0", "--gpu", "-1",
           "--no-progress", "--epochs", "1"]

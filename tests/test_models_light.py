@@ -23,6 +23,8 @@ from models.mimicnorm import (
 from models.mobilenetv2 import LinearBottleneck
 from models.shufflenetv2 import ShuffleUnit
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # (dataset, arch, conv variance numerator, minimum channels per group in the fan)
 INIT_CASES = [
     ("cifar", "squeezenet", 2.8, 4),
@@ -39,15 +41,6 @@ PLAIN_PARAMS = {
     ("imagenet", "shufflenetv2_x0_5"): 1_366_792,
     ("imagenet", "shufflenetv2_x1_0"): 2_278_604,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread avoids thread contention on the shared CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(dataset: str, name: str) -> nn.Module:

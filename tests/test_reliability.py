@@ -21,7 +21,8 @@ from Cifar.data_loader import CifarData
 from Cifar.main import main
 from Cifar.utils import get_args_parser
 from tests.recipes import HOT_LR, STABLE_LR, TINY, TINY_STEPS
-from tests.test_imagenet_lmdb import CLASSES, make_image_folder
+from tests.helpers import (CLASSES, assert_same_training_state, log_without_timings,
+                           make_image_folder, stderr_lines)
 from training.checkpoint import load_checkpoint
 from training.engine import loader_batches
 
@@ -31,28 +32,6 @@ EXPECT = {"arch": "squeezenet_cbn", "num_classes": 100, "dataset": "synthetic"}
 
 def _args(out: Path, *flags: str):
     return get_args_parser().parse_args([*TINY, "--out-dir", str(out), *flags])
-
-
-def _assert_same_training_state(path_a: Path, path_b: Path) -> None:
-    a = torch.load(path_a, weights_only=True)
-    b = torch.load(path_b, weights_only=True)
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert a["scheduler"] == b["scheduler"] and a["best_acc1"] == b["best_acc1"]
-
-
-def _log_without_timings(run_dir: Path) -> list[list[str]]:
-    rows = [line.split(",") for line in (run_dir / "log.csv").read_text().splitlines()]
-    timing = {rows[0].index(c) for c in ("epoch_seconds", "images_per_second", "peak_memory_mb")}
-    return [[v for i, v in enumerate(row) if i not in timing] for row in rows]
-
-
-def _stderr_lines(capsys) -> list[str]:
-    return capsys.readouterr().err.strip().splitlines()
 
 
 # --- stop signals ---------------------------------------------------------------------------
@@ -110,8 +89,8 @@ def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
 
     resumed = training.run(_args(tmp_path, *flags, "--resume", str(run_dir)), CifarData())
-    _assert_same_training_state(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
-    assert _log_without_timings(resumed.run_dir) == _log_without_timings(straight.run_dir)
+    assert_same_training_state(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
+    assert log_without_timings(resumed.run_dir) == log_without_timings(straight.run_dir)
 
 
 def test_second_signal_aborts_at_once():
@@ -227,8 +206,8 @@ def test_sigkill_anywhere_loses_only_the_unsaved_steps(tmp_path, seed):
     assert attempt() == 0
     assert not list(run_dir.glob(".*.tmp*"))  # stale partial writes are cleared
     assert len(list(run_dir.glob("step-*.pt"))) == 2
-    _assert_same_training_state(straight.run_dir / "last.pt", run_dir / "last.pt")
-    assert _log_without_timings(run_dir) == _log_without_timings(straight.run_dir)
+    assert_same_training_state(straight.run_dir / "last.pt", run_dir / "last.pt")
+    assert log_without_timings(run_dir) == log_without_timings(straight.run_dir)
 
 
 # --- divergence ---------------------------------------------------------------------------------
@@ -239,7 +218,7 @@ def test_divergence_exits_3_and_keeps_the_good_checkpoints(tmp_path, capsys):
             "-lr", str(HOT_LR), "--save-every", "1", "--out-dir", str(tmp_path),
             "--run-name", "hot"]
     assert main(argv) == 3
-    (line,) = _stderr_lines(capsys)
+    (line,) = stderr_lines(capsys)
     assert line.startswith("error: training diverged: non-finite loss at epoch 1 step ")
     assert "(lr " in line and f"lower -lr (it is {HOT_LR})" in line
     assert "-a squeezenet_cbn --weight mean" in line
@@ -270,7 +249,7 @@ def test_non_finite_state_behind_a_finite_loss_is_never_saved(tmp_path, capsys, 
             "--run-name", "nan"]
     assert main(argv) == 3
     run_dir = tmp_path / "squeezenet_cbn" / "nan"
-    (line,) = _stderr_lines(capsys)
+    (line,) = stderr_lines(capsys)
     lr_now = STABLE_LR * 5 / TINY_STEPS  # warm-up after 4 steps
     assert line == ("error: training diverged: the weights or momentum are no longer finite at "
                     f"epoch 1 step 4 (lr now {lr_now:.4g}); {run_dir / 'last.pt'} (epoch 1, "
@@ -339,7 +318,7 @@ def test_bad_checkpoint_is_one_line_and_changes_nothing(good_checkpoint, tmp_pat
     before = path.read_bytes()
     argv = [*TINY, "-j", "0", "--epochs", "2", "--max-steps", "3", "--resume", str(path), *flags]
     assert main(argv) == 2
-    (line,) = _stderr_lines(capsys)
+    (line,) = stderr_lines(capsys)
     assert line.startswith("error: ") and message in line
     assert path.read_bytes() == before and sorted(path.parent.iterdir()) == [path]
 
@@ -354,7 +333,7 @@ def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     assert main([*TINY, "-j", "0", "--out-dir", str(blocker)]) == 2
-    (line,) = _stderr_lines(capsys)
+    (line,) = stderr_lines(capsys)
     assert line.startswith(f"error: cannot write the run folder {blocker}/squeezenet_cbn/")
 
 
@@ -365,7 +344,7 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys):
         assert main([*TINY, "-j", "0", "--out-dir", str(tmp_path)]) == 2
     finally:
         tmp_path.chmod(0o700)
-    (line,) = _stderr_lines(capsys)
+    (line,) = stderr_lines(capsys)
     assert "cannot write the run folder" in line and "Permission denied" in line
 
 
@@ -375,7 +354,7 @@ def test_denied_output_folder_is_one_line_even_as_root(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(Path, "mkdir", deny)
     assert main([*TINY, "-j", "0", "--out-dir", str(tmp_path)]) == 2
-    (line,) = _stderr_lines(capsys)
+    (line,) = stderr_lines(capsys)
     assert line.startswith(f"error: cannot write the run folder {tmp_path}/squeezenet_cbn/")
     assert line.endswith(": Permission denied")
 
@@ -393,7 +372,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, capsys,
     argv = [*TINY, "-j", "0", "--epochs", "1", "--save-every", "1", "--out-dir", str(tmp_path),
             "--run-name", "full"]
     assert main(argv) == 1
-    (line,) = _stderr_lines(capsys)
+    (line,) = stderr_lines(capsys)
     assert line == (f"error: cannot write a checkpoint in {tmp_path / 'squeezenet_cbn' / 'full'}: "
                     "No space left on device; the checkpoints already there are intact")
     run_dir = tmp_path / "squeezenet_cbn" / "full"
@@ -408,7 +387,7 @@ def test_deterministic_runs_repeat_with_workers_and_restore_the_settings(tmp_pat
     before = torch.are_deterministic_algorithms_enabled()
     runs = [training.run(_args(tmp_path, "-j", "2", "--epochs", "1", "--deterministic",
                                "--run-name", name), CifarData()) for name in ("one", "two")]
-    _assert_same_training_state(runs[0].run_dir / "last.pt", runs[1].run_dir / "last.pt")
+    assert_same_training_state(runs[0].run_dir / "last.pt", runs[1].run_dir / "last.pt")
     assert torch.are_deterministic_algorithms_enabled() == before
 
 

@@ -104,12 +104,13 @@ AfterStep = Callable[[EpochState, torch.Tensor, float], bool]
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer,
                     scheduler: LRScheduler, loader: Iterable, device: torch.device,
-                    state: EpochState, *, project: Callable[[], None] | None = None,
-                    after_step: AfterStep | None = None, amp: str | None = None,
+                    state: EpochState, *, after_step: AfterStep | None = None,
+                    amp: str | None = None,
                     scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
                     progress: bool = False, desc: str = "train") -> dict[str, float]:
-    """Run the rest of `state`'s epoch over `loader`: forward, backward, step, weight-mean
-    `project`, per-iteration lr step, then `after_step` (which may stop the epoch early).
+    """Run the rest of `state`'s epoch over `loader`: forward, backward, step (the optimizer's
+    step hooks run here: weight mean, `models.attach_weight_mean`), per-iteration lr step, then
+    `after_step` (which may stop the epoch early).
 
     With a `scaler` (float16) the loss is scaled before backward and a step whose gradients are
     not finite is skipped, as GradScaler does; the loss itself stays what `after_step` checks.
@@ -138,8 +139,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-            if project is not None:
-                project()
             lr = optimizer.param_groups[0]["lr"]
             with warnings.catch_warnings():
                 # A step the fp16 scaler skipped still advances the per-iteration schedule.

@@ -215,9 +215,9 @@ class _Training:
         self.scheduler = WarmupMultiStepLR(self.optimizer, self.steps, args.warm,
                                            args.milestones, args.gamma)
         self.scaler = torch.amp.GradScaler(rt.device.type) if args.amp == "fp16" else None
-        self.project = None
-        if args.weight == "mean":
-            self.project = models.WeightMean(self.net, models.centring_rule(data.recipe.family))
+        self.rule = models.centring_rule(data.recipe.family)
+        if args.weight == "mean":  # centres the initial weights now, and after every step
+            models.attach_weight_mean(self.optimizer, self.net, self.rule)
         self.best_acc1: float | None = None
         self.saver: CheckpointSaver | None = None  # rank 0's, once it holds the run folder
         self.last_saved: str | None = None  # what a failure message points the user to
@@ -226,8 +226,6 @@ class _Training:
     def resume_point(self) -> EpochState:
         """Restore the checkpoint, if any, and say where training picks up."""
         if self.ckpt is None:
-            if self.project is not None:
-                self.project()
             return EpochState(0, self.steps)
         ckpt, rt = self.ckpt, self.rt
         _restore(ckpt, self.args, rt, self.net, self.optimizer, self.scheduler)
@@ -235,8 +233,8 @@ class _Training:
             self.scaler.load_state_dict(ckpt["scaler"])
         # Weights saved by a --weight mean run are centred already; centring again would only add
         # rounding noise and break exact resumption.
-        if self.project is not None and ckpt["args"].get("weight") != "mean":
-            self.project()
+        if self.args.weight == "mean" and ckpt["args"].get("weight") != "mean":
+            models.weight_mean_(self.net, self.rule)
         self.best_acc1 = ckpt["best_acc1"]
         self.last_saved = str(self.args.resume)
         self.pending_eval = ckpt["pending_eval"]
@@ -411,7 +409,7 @@ def _train_epoch(t: _Training, model: nn.Module, criterion: nn.Module, state: Ep
     args, rt = t.args, t.rt
     t.train_loader.sampler.set_epoch(state.epoch, skip=state.step)
     train = train_one_epoch(model, criterion, t.optimizer, t.scheduler, t.train_loader,
-                            rt.device, state, project=t.project, after_step=guard, amp=args.amp,
+                            rt.device, state, after_step=guard, amp=args.amp,
                             scaler=t.scaler, channels_last=args.channels_last, progress=progress,
                             desc=f"epoch {state.epoch + 1}/{args.epochs}")
     saved = t.saver.last_path if t.saver else None

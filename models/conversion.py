@@ -1,0 +1,310 @@
+"""Convert an ordinary BatchNorm2d network into its MimicNorm twin.
+
+`convert(model, num_classes)` does to any torch.fx-traceable conv-BN network what our `_cbn`
+builders do to theirs (see models/resnet.py):
+
+* every BatchNorm2d becomes `nn.Identity` and the Conv2d that feeds it (found in the traced graph,
+  wherever the two sit) gets a bias;
+* the recognised residual blocks get their scalars: the branch's last conv becomes a `ScaledConv2d`
+  initialised to 1.2**k / l (k convs in the branch, l the block's index from 1 over the network);
+  projection shortcuts follow the reference code of `dataset` (`PROJECTIONS`);
+* a fresh network gets the `_cbn` ResNets' init (convs N(0, 2/fan_in), Linears N(0, 2/in),
+  biases 0); with `init=False` the weights are kept and each BatchNorm's eval-mode affine map is
+  folded into its conv (and divided by the conv's scalar), so the body computes what the BN
+  network computed in eval mode;
+* a `LastBN(num_classes)` follows the network's output: the result is
+  `nn.Sequential(body=<converted model>, last_bn=LastBN(num_classes))`.
+
+Recognised residual blocks: our `models.resnet` blocks, torchvision's `BasicBlock` and
+`Bottleneck`, and timm's ResNet `BasicBlock` and `Bottleneck` without an attention module (when
+timm is installed). Any other module whose own forward adds two tensors (found in the graph: an
+add node and the module that executed it) is named in a warning and gets no scalar: e.g.
+torchvision's MobileNetV2 `InvertedResidual` or a root module with bypass adds (our SqueezeNet).
+Residual paths made otherwise (concatenation, as in ShuffleNet units; a product) are not detected.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from ._registry import DATASETS
+from .layers import HE_NUMERATOR, fan_in_init_
+from .mimicnorm import CENTRING_GAIN, LastBN, ScaledConv2d, is_mimicnorm, residual_scale_init
+from .resnet import ResidualBlock
+
+# Normalisation layers that MimicNorm has no rule for (BatchNorm2d itself is what it replaces).
+OTHER_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm,
+)
+PROJECTIONS = {
+    "imagenet": "biased 1x1 conv with a learnable scalar initialised to 1.2",
+    "cifar": "no scalar; biased in two-conv (basic) blocks, bias-free in bottlenecks",
+}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """What a converted conv becomes: a bias or not, a `ScaledConv2d` with `scale` or a Conv2d."""
+
+    bias: bool = True
+    scale: float | None = None
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx tracer that keeps MimicNorm's own layers as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (ScaledConv2d, LastBN)) or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def convert(
+    model: nn.Module, num_classes: int, *, dataset: str = "imagenet", init: bool = True
+) -> nn.Sequential:
+    """The MimicNorm twin of `model`, a network built with Conv2d-BatchNorm2d pairs.
+
+    `dataset` chooses whose reference code the projection shortcuts follow (`PROJECTIONS`);
+    `init=False` keeps the weights (BatchNorms folded into their convs) instead of the fresh
+    MimicNorm init. `model` is left untouched. Raises ValueError, naming the module, for what
+    cannot be converted: no BatchNorm2d, another normalisation layer, a BatchNorm2d not fed by a
+    Conv2d of its own, an untraceable forward, a network that is MimicNorm already.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    _check_convertible(model)
+    body = copy.deepcopy(model)
+    graph = trace(body)
+    pairs = conv_bn_pairs(body, graph)
+    plans = residual_plans(body, dataset)
+    unplanned = sorted(set(plans) - set(pairs))
+    if unplanned:
+        raise ValueError(f"residual-branch convs not followed by a BatchNorm2d: {unplanned}")
+    _warn_unrecognised(graph, {name for name, m in body.named_modules() if _residual_parts(m)})
+    for conv_name, bn_name in pairs.items():
+        conv, bn = body.get_submodule(conv_name), body.get_submodule(bn_name)
+        plan = plans.get(conv_name, ConvPlan())
+        new = conv_like(conv, plan.bias, plan.scale)
+        if not init:
+            _load_folded_(new, conv, bn, bn_name)
+        replace_module_(body, conv_name, new)
+        replace_module_(body, bn_name, nn.Identity())
+    if init:
+        fan_in_init_(body, HE_NUMERATOR)
+    return nn.Sequential(OrderedDict(body=body, last_bn=LastBN(num_classes)))
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """`model`'s torch.fx graph (ScaledConv2d, LastBN as leaves); ValueError if untraceable."""
+    try:
+        return _Tracer().trace(model)
+    except Exception as error:  # tracing fails with many exception types
+        raise ValueError(
+            f"{type(model).__name__} cannot be traced by torch.fx ({type(error).__name__}: "
+            f"{error}); converting and folding read the network's graph"
+        ) from error
+
+
+def conv_bn_pairs(model: nn.Module, graph: fx.Graph) -> dict[str, str]:
+    """`{conv name: BatchNorm2d name}`: every BatchNorm2d with the Conv2d that alone feeds it.
+
+    Raises ValueError for a BatchNorm2d that is not called exactly once on the output of a plain
+    Conv2d used nowhere else.
+    """
+    calls = module_calls(graph)
+    pairs = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.BatchNorm2d:
+            continue
+        nodes = calls.get(name, [])
+        if len(nodes) != 1:
+            raise ValueError(f"BatchNorm2d {name!r} is called {len(nodes)} times by forward")
+        source = nodes[0].args[0]
+        conv_name = _feeding_conv(model, source, calls)
+        if conv_name is None:
+            raise ValueError(
+                f"BatchNorm2d {name!r} is not fed by a Conv2d of its own "
+                f"(its input: {_describe(model, source)})"
+            )
+        pairs[conv_name] = name
+    return pairs
+
+
+def residual_plans(model: nn.Module, dataset: str) -> dict[str, ConvPlan]:
+    """The convs of the recognised residual blocks that differ from a plain biased Conv2d."""
+    names = {id(m): name for name, m in model.named_modules()}
+    blocks = [parts for m in model.modules() if (parts := _residual_parts(m)) is not None]
+    plans = {}
+    for index, (branch, shortcut) in enumerate(blocks, start=1):
+        plans[names[id(branch[-1])]] = ConvPlan(scale=residual_scale_init(index, len(branch)))
+        projection = [] if shortcut is None else [
+            m for m in shortcut.modules() if isinstance(m, nn.Conv2d)
+        ]
+        if len(projection) == 1:
+            plans[names[id(projection[0])]] = _projection_plan(dataset, len(branch))
+    return plans
+
+
+def conv_like(conv: nn.Conv2d, bias: bool, scale: float | None = None) -> nn.Conv2d:
+    """An uninitialised Conv2d (`ScaledConv2d` given `scale`) shaped as `conv`, on its device.
+
+    It is built on the meta device and then allocated, so it draws no random numbers.
+    """
+    args = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, bias, conv.padding_mode)
+    with torch.device("meta"):
+        new = nn.Conv2d(*args) if scale is None else ScaledConv2d(*args, scale_init=scale)
+    new = new.to_empty(device=conv.weight.device).to(conv.weight.dtype)
+    if scale is not None:
+        with torch.no_grad():
+            new.scale.fill_(scale)
+    return new
+
+
+def replace_module_(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `root`."""
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent), attr, module)
+
+
+def fused_with_bn(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm1d | nn.BatchNorm2d, name: str
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """`weight` and `bias` of a conv or Linear followed by `bn` in eval mode, as one layer."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{name!r} keeps no running statistics: its eval output has no fixed map")
+    return fuse_conv_bn_weights(
+        weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+
+
+def _check_convertible(model: nn.Module) -> None:
+    """Raise ValueError, naming the module, when `model` has nothing or other things to convert."""
+    if is_mimicnorm(model):
+        raise ValueError(f"{type(model).__name__} already has a LastBN: it is a MimicNorm network")
+    for name, module in model.named_modules():
+        label = name or type(model).__name__
+        if isinstance(module, OTHER_NORMS):
+            raise ValueError(
+                f"{label!r} is a {type(module).__name__}: convert only replaces BatchNorm2d "
+                "layers (MimicNorm keeps no normalisation in the body)"
+            )
+        if isinstance(module, nn.BatchNorm2d) and type(module) is not nn.BatchNorm2d:
+            raise ValueError(
+                f"{label!r} is a {type(module).__name__}, a BatchNorm2d subclass that may compute "
+                "more than a BatchNorm2d: convert replaces plain BatchNorm2d layers only"
+            )
+    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no BatchNorm2d: nothing to convert")
+
+
+def module_calls(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """`{module name: its call nodes}` of `graph`."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    return calls
+
+
+def _feeding_conv(
+    model: nn.Module, source: object, calls: dict[str, list[fx.Node]]
+) -> str | None:
+    """The name of the plain Conv2d that computed `source` and feeds nothing else, if one did."""
+    if not (isinstance(source, fx.Node) and source.op == "call_module"):
+        return None
+    single = len(source.users) == 1 and len(calls[source.target]) == 1
+    plain = type(model.get_submodule(source.target)) is nn.Conv2d
+    return source.target if single and plain else None
+
+
+def _describe(model: nn.Module, source: object) -> str:
+    """A short description of a graph value for error messages."""
+    if not isinstance(source, fx.Node):
+        return repr(source)
+    if source.op == "placeholder":
+        return "the network input"
+    if source.op == "call_module":
+        return f"{source.target!r} ({type(model.get_submodule(source.target)).__name__})"
+    return source.name
+
+
+def _projection_plan(dataset: str, convs_in_branch: int) -> ConvPlan:
+    """The reference code's projection shortcut for `dataset` (see `PROJECTIONS`)."""
+    if dataset == "imagenet":
+        return ConvPlan(scale=CENTRING_GAIN)
+    return ConvPlan(bias=convs_in_branch == 2)
+
+
+def _residual_parts(module: nn.Module) -> tuple[list[nn.Conv2d], nn.Module | None] | None:
+    """(branch convs in order, shortcut module) of a recognised residual block, else None."""
+    if isinstance(module, ResidualBlock):
+        return [m for m in module.branch if isinstance(m, nn.Conv2d)], module.shortcut
+    if isinstance(module, _foreign_blocks()) and getattr(module, "se", None) is None:
+        names = ("conv1", "conv2", "conv3") if hasattr(module, "conv3") else ("conv1", "conv2")
+        return [getattr(module, name) for name in names], module.downsample
+    return None
+
+
+def _foreign_blocks() -> tuple[type, ...]:
+    """torchvision's ResNet blocks, and timm's when timm is installed (imported on demand)."""
+    from torchvision.models import resnet as tv_resnet
+
+    blocks: tuple[type, ...] = (tv_resnet.BasicBlock, tv_resnet.Bottleneck)
+    try:
+        from timm.models import resnet as timm_resnet
+    except ImportError:
+        return blocks
+    return blocks + (timm_resnet.BasicBlock, timm_resnet.Bottleneck)
+
+
+def _warn_unrecognised(graph: fx.Graph, recognised: set[str]) -> None:
+    """Warn about the modules whose own forward adds two tensors but get no residual scalar."""
+    found: dict[str, str] = {}
+    for node in graph.nodes:
+        if not _adds_two_tensors(node):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        name, cls = next(reversed(stack.values())) if stack else ("", None)
+        if name not in recognised:
+            found.setdefault(name or "<root>", cls.__name__ if cls else "root module")
+    if found:
+        listed = ", ".join(f"{name} ({cls})" for name, cls in found.items())
+        warnings.warn(
+            f"convert: no residual scalar for these modules, which add tensors but are not "
+            f"recognised residual blocks: {listed}",
+            stacklevel=3,
+        )
+
+
+def _adds_two_tensors(node: fx.Node) -> bool:
+    """True for an addition of two traced values (not of a value and a constant)."""
+    if node.op == "call_function":
+        adds = node.target in _ADD_FUNCTIONS
+    else:
+        adds = node.op == "call_method" and node.target in _ADD_METHODS
+    return adds and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
+
+
+def _load_folded_(new: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_name: str) -> None:
+    """Fill `new` with `conv` followed by `bn` in eval mode, divided by `new`'s scalar if any.
+
+    A conv without a bias (a CIFAR bottleneck's projection) cannot carry the BatchNorm's shift,
+    which is then dropped.
+    """
+    weight, bias = fused_with_bn(conv.weight, conv.bias, bn, bn_name)
+    scale = new.scale.item() if isinstance(new, ScaledConv2d) else 1.0
+    with torch.no_grad():
+        new.weight.copy_(weight / scale)
+        if new.bias is not None:
+            new.bias.copy_(bias / scale)
