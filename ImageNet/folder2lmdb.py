@@ -245,8 +245,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments of the converter."""
+def get_args_parser() -> argparse.ArgumentParser:
+    """The converter's command line."""
     parser = argparse.ArgumentParser(description="Convert an ImageFolder tree into one LMDB file.")
     parser.add_argument(
         "--src", type=Path, required=True, help="ImageFolder root: SRC/<class>/<image>"
@@ -259,12 +259,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=_positive_int, default=min(8, os.cpu_count() or 1), help="reader threads"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the converter; errors are one line on stderr and exit code 2."""
-    args = parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     existed = args.dst.exists()
     try:
         index = convert(

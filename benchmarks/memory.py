@@ -43,8 +43,10 @@ from torch import nn
 import models
 from experiments.tables import markdown_table, write_table
 
-VARIANTS = ("plain", "cbn", "nobn", "limit")
-SUFFIX = {"plain": "", "cbn": "_cbn", "nobn": "_nobn", "limit": ""}
+# benchmark variant -> the registry variant it builds ("limit" then strips the BatchNorm2d)
+MODEL_VARIANTS = {"plain": models.BN, "cbn": models.MIMIC, "nobn": models.NO_NORM,
+                  "limit": models.BN}
+VARIANTS = tuple(MODEL_VARIANTS)
 RESOLUTION = {"cifar": 32, "imagenet": 224}
 NUM_CLASSES = {"cifar": 100, "imagenet": 1000}
 MIB = 2**20
@@ -61,7 +63,8 @@ def strip_batchnorm(model: nn.Module) -> nn.Module:
 
 def build_variant(arch: str, variant: str, dataset: str) -> nn.Module:
     """The `variant` ("plain", "cbn", "nobn" or "limit") of registered architecture `arch`."""
-    model = models.create_model(arch + SUFFIX[variant], NUM_CLASSES[dataset], dataset)
+    name = models.twin_name(arch, MODEL_VARIANTS[variant])
+    model = models.create_model(name, NUM_CLASSES[dataset], dataset)
     return strip_batchnorm(model) if variant == "limit" else model
 
 
@@ -196,7 +199,7 @@ def benchmark_arch(arch: str, args: argparse.Namespace) -> dict[str, Row]:
     for variant in VARIANTS:
         torch.manual_seed(0)
         model = build_variant(arch, variant, args.dataset)
-        projection = models.WeightMean(model, rule) if variant == "cbn" else None
+        projection = models.WeightMean(model, rule) if models.is_mimicnorm(model) else None
         step = TrainStep(model, args.batch_size, RESOLUTION[args.dataset], NUM_CLASSES[args.dataset],
                          device, args.amp, args.channels_last, projection)
         saved = saved_tensor_bytes(step.loss, state_storages(model))
@@ -311,8 +314,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> list[dict[str, object]]:
     """Run the benchmark, print the table, and write CSV / markdown / PNG when asked."""
-    names = models.list_models(args.dataset)
-    archs = args.arch or sorted({models.split_model_name(n)[0] for n in names})
+    archs = args.arch or models.list_archs(args.dataset)
     table = []
     for arch in archs:
         table.append(summary(benchmark_arch(arch, args)))

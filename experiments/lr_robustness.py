@@ -32,17 +32,18 @@ from pathlib import Path
 
 import pandas as pd
 
+import models
 from experiments.grid import extracted_tree, run_to_end, subset_tree
 from experiments.tables import markdown_table, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
-# variant -> (model-name suffix, --weight)
+# variant -> (registry variant of the model, --weight)
 VARIANTS = {
-    "None": ("_nobn", "none"),
-    "WeightMean only": ("_nobn", "mean"),
-    "LastBN only": ("_cbn", "none"),
-    "MimicNorm": ("_cbn", "mean"),
-    "BN": ("", "none"),
+    "None": (models.NO_NORM, "none"),
+    "WeightMean only": (models.NO_NORM, "mean"),
+    "LastBN only": (models.MIMIC, "none"),
+    "MimicNorm": (models.MIMIC, "mean"),
+    "BN": (models.BN, "none"),
 }
 TABLE_VARIANTS = ("None", "WeightMean only", "MimicNorm", "BN")  # the paper's table columns
 
@@ -55,12 +56,17 @@ def settings_key(args: argparse.Namespace, arch: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def model_name(arch: str, variant: str) -> str:
+    """The registry name trained for `variant` of `arch`."""
+    return models.twin_name(arch, VARIANTS[variant][0])
+
+
 def engine_argv(arch: str, variant: str, lr: float, data_dir: Path,
                 args: argparse.Namespace) -> list[str]:
     """The `Cifar/main.py` flags of one run (where it goes aside)."""
-    suffix, weight = VARIANTS[variant]
-    return ["-a", arch + suffix, "--weight", weight, "-ds", args.dataset, "--data-dir",
-            str(data_dir), "--width", str(args.width), "-b", str(args.batch_size), "-lr", str(lr),
+    return ["-a", model_name(arch, variant), "--weight", VARIANTS[variant][1],
+            "-ds", args.dataset, "--data-dir", str(data_dir), "--width", str(args.width),
+            "-b", str(args.batch_size), "-lr", str(lr),
             "--epochs", str(args.epochs), "--warm", str(args.warm), "--seed", str(args.seed),
             "-j", str(args.workers), "--no-progress", *args.engine_args]
 
@@ -74,7 +80,7 @@ def train_one(arch: str, variant: str, lr: float, data_dir: Path, run_root: Path
               args: argparse.Namespace) -> pd.DataFrame:
     """Train one run to its end (or reuse it, or resume it); returns its log.csv. A run that
     diverged is a result: its log holds the epochs before."""
-    run_dir = run_root / (arch + VARIANTS[variant][0]) / run_name(variant, lr)
+    run_dir = run_root / model_name(arch, variant) / run_name(variant, lr)
     print(run_to_end(run_dir, engine_argv(arch, variant, lr, data_dir, args), args.epochs),
           flush=True)
     return pd.read_csv(run_dir / "log.csv")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import models
 from experiments.tables import markdown_table, write_csv
 
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc1", "test_acc5",
@@ -36,10 +37,11 @@ REQUIRED_ARGS = ("arch", "dataset", "epochs", "seed")
 RECIPE_KEYS = ("width", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warm",
                "milestones", "gamma", "max_steps")
 DATA_KEY = {"folder": "data_dir", "synthetic": "synthetic_size"}
-# (arch suffix, --weight) -> variant; the first three are the paper's columns, in its order
-VARIANTS = {("", "none"): "BN", ("_cbn", "mean"): "MimicNorm", ("_nobn", "none"): "NoNorm",
-            ("_nobn", "mean"): "WeightMean only", ("_cbn", "none"): "LastBN only",
-            ("", "mean"): "BN + weight mean"}
+# (registry variant of the arch, --weight) -> variant; the first three are the paper's columns,
+# in its order
+VARIANTS = {(models.BN, "none"): "BN", (models.MIMIC, "mean"): "MimicNorm",
+            (models.NO_NORM, "none"): "NoNorm", (models.NO_NORM, "mean"): "WeightMean only",
+            (models.MIMIC, "none"): "LastBN only", (models.BN, "mean"): "BN + weight mean"}
 VARIANT_ORDER = tuple(VARIANTS.values())
 PAPER_SETTING = {"dataset": "cifar100", "width": 1, "epochs": 150}
 # The paper's CIFAR-100 top-1 (%): mean, std of 3 runs (NaN: not given), training memory (MB)
@@ -105,11 +107,11 @@ def read_log(path: Path) -> pd.DataFrame:
 
 def variant_of(arch: str, weight: str) -> tuple[str, str]:
     """(base arch, variant) of a run of `arch` with `--weight weight`."""
-    suffix = next((s for s in ("_cbn", "_nobn") if arch.endswith(s)), "")
-    variant = VARIANTS.get((suffix, weight))
+    base, model_variant = models.parse_name(arch)
+    variant = VARIANTS.get((model_variant, weight))
     if variant is None:
         raise RunError(f"unknown --weight {weight!r}")
-    return arch[: len(arch) - len(suffix)], variant
+    return base, variant
 
 
 def _plain(value: object) -> object:

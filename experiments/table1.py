@@ -22,11 +22,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import models
 from experiments import summarize
 from experiments.grid import extracted_tree, run_to_end, subset_tree
 
-VARIANTS = {"bn": ("", "none"), "mimicnorm": ("_cbn", "mean"), "nonorm": ("_nobn", "none"),
-            "weightmean": ("_nobn", "mean"), "lastbn": ("_cbn", "none")}
+# study variant -> (registry variant of the model, --weight)
+VARIANTS = {"bn": (models.BN, "none"), "mimicnorm": (models.MIMIC, "mean"),
+            "nonorm": (models.NO_NORM, "none"), "weightmean": (models.NO_NORM, "mean"),
+            "lastbn": (models.MIMIC, "none")}
 PAPER_ARCHS = ("vgg11", "vgg16", "resnet18", "resnet50", "squeezenet", "shufflenetv2")
 PAPER_EPOCHS, PAPER_WARM, PAPER_MILESTONES = 150, 2, (80, 110, 135)
 
@@ -42,7 +45,7 @@ class Cell:
     @property
     def model(self) -> str:
         """The registry name trained for this cell."""
-        return self.arch + VARIANTS[self.variant][0]
+        return models.twin_name(self.arch, VARIANTS[self.variant][0])
 
     @property
     def run_name(self) -> str:

@@ -1,8 +1,10 @@
 """Model registry: each architecture registers one builder that serves all three variants.
 
-A builder takes `(norm, num_classes, width)` with norm one of "bn" (the plain BatchNorm network),
-"mimic" (its MimicNorm twin, registered as `<arch>_cbn`) and "none" (no normalisation at all,
-`<arch>_nobn`). `create_model` is the single door.
+A builder takes `(variant, num_classes, width)` with variant one of `BN` (the plain BatchNorm
+network, named `<arch>`), `MIMIC` (its MimicNorm twin, `<arch>_cbn`) and `NO_NORM` (no
+normalisation at all, `<arch>_nobn`). `create_model` is the single door, and this module the only
+one that reads the suffixes of model names: elsewhere ask `parse_name`, `twin_name` or
+`is_mimicnorm_name`.
 
 Width: every hidden channel count c (conv and Linear) becomes `scaled_channels(c, width)`, i.e.
 max(1, round(c * width)), rounded to a multiple where a family needs divisibility. The 3 input
@@ -20,18 +22,17 @@ import torch
 from torch import nn
 
 from .mimicnorm import record_reference_convs_
+from .variants import BN, VARIANTS, Variant, get_variant
 
-Builder = Callable[[str, int, float], nn.Module]
+Builder = Callable[[Variant, int, float], nn.Module]
 
 DATASETS = ("cifar", "imagenet")
-NORMS = ("bn", "mimic", "none")
-VARIANT_SUFFIX = {"bn": "", "mimic": "_cbn", "none": "_nobn"}
 
 _builders: dict[str, dict[str, Builder]] = {dataset: {} for dataset in DATASETS}
 
 
 def register_model(dataset: str, arch: str) -> Callable[[Builder], Builder]:
-    """Decorator registering `builder(norm, num_classes, width)` as `arch` for `dataset`."""
+    """Decorator registering `builder(variant, num_classes, width)` as `arch` for `dataset`."""
     _check_dataset(dataset)
 
     def decorate(builder: Builder) -> Builder:
@@ -45,16 +46,34 @@ def register_model(dataset: str, arch: str) -> Callable[[Builder], Builder]:
 
 def list_models(dataset: str = "cifar") -> list[str]:
     """Every model name for `dataset`: each architecture and its `_cbn` and `_nobn` twins."""
+    return sorted(twin_name(arch, v) for arch in list_archs(dataset) for v in VARIANTS.values())
+
+
+def list_archs(dataset: str = "cifar") -> list[str]:
+    """Every registered architecture for `dataset`, i.e. the names of the BN twins."""
     _check_dataset(dataset)
-    return sorted(arch + suffix for arch in _builders[dataset] for suffix in VARIANT_SUFFIX.values())
+    return sorted(_builders[dataset])
 
 
-def split_model_name(name: str) -> tuple[str, str]:
-    """`"resnet18_cbn"` -> `("resnet18", "mimic")`; names without a suffix are the BN twin."""
-    for norm, suffix in VARIANT_SUFFIX.items():
-        if suffix and name.endswith(suffix):
-            return name[: -len(suffix)], norm
-    return name, "bn"
+def parse_name(name: str) -> tuple[str, Variant]:
+    """`"resnet18_cbn"` -> `("resnet18", MIMIC)`; a name without a suffix is the BN twin.
+
+    Only the suffix is read: whether the architecture is registered is `create_model`'s business.
+    """
+    for variant in VARIANTS.values():
+        if variant.suffix and name.endswith(variant.suffix):
+            return name[: -len(variant.suffix)], variant
+    return name, BN
+
+
+def twin_name(name: str, variant: Variant | str) -> str:
+    """Model `name`'s twin in `variant`: `twin_name("vgg16", "mimic")` -> "vgg16_cbn"."""
+    return parse_name(name)[0] + get_variant(variant).suffix
+
+
+def is_mimicnorm_name(name: str) -> bool:
+    """True for the name of a MimicNorm twin (`_cbn`: the variant with a last BN)."""
+    return parse_name(name)[1].has_last_bn
 
 
 def create_model(
@@ -62,7 +81,7 @@ def create_model(
 ) -> nn.Module:
     """Build the registered model `name` for `dataset` with `num_classes` outputs at `width`."""
     _check_dataset(dataset)
-    arch, norm = split_model_name(name)
+    arch, variant = parse_name(name)
     builder = _builders[dataset].get(arch)
     if builder is None:
         close = difflib.get_close_matches(name, list_models(dataset), n=4)
@@ -72,11 +91,11 @@ def create_model(
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     if not (width > 0 and math.isfinite(width)):
         raise ValueError(f"width must be a positive number, got {width}")
-    model = builder(norm, num_classes, width)
+    model = builder(variant, num_classes, width)
     if width != 1.0:
         # The full-width twin only lends its conv shapes: on the meta device it costs no memory.
         with torch.device("meta"):
-            reference = builder(norm, num_classes, 1.0)
+            reference = builder(variant, num_classes, 1.0)
         record_reference_convs_(model, reference)
     return model
 

@@ -1,32 +1,12 @@
-"""Building blocks shared by the architectures: norm variants, channel scaling, initialisations."""
+"""Building blocks shared by the architectures: channel scaling and initialisations."""
 from __future__ import annotations
 
 import math
 
 from torch import nn
 
-from ._registry import NORMS
-from .mimicnorm import LastBN
-
 # He et al.'s variance numerator for ReLU networks: N(0, 2 / fan).
 HE_NUMERATOR = 2.0
-
-
-def check_norm(norm: str) -> str:
-    """Return `norm` if it is one of "bn", "mimic", "none", else raise ValueError."""
-    if norm not in NORMS:
-        raise ValueError(f"unknown normalisation {norm!r}; expected one of {', '.join(NORMS)}")
-    return norm
-
-
-def batchnorm2d(norm: str, channels: int) -> list[nn.Module]:
-    """`[BatchNorm2d(channels)]` for the plain twin, `[]` for the BN-free variants."""
-    return [nn.BatchNorm2d(channels)] if check_norm(norm) == "bn" else []
-
-
-def last_bn(norm: str, num_classes: int) -> LastBN | None:
-    """The last BN on the logits for a MimicNorm twin, None otherwise."""
-    return LastBN(num_classes) if check_norm(norm) == "mimic" else None
 
 
 def scaled_channels(channels: int, width: float, multiple: int = 1) -> int:
@@ -60,6 +40,11 @@ def fan_in_init_(model: nn.Module, conv_numerator: float, min_channels_per_group
             continue
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def he_init_(model: nn.Module) -> None:
+    """He's init as the reference code wrote it: `fan_in_init_` with numerator 2 and no clamp."""
+    fan_in_init_(model, HE_NUMERATOR)
 
 
 def plain_init_(model: nn.Module) -> None:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_model
-from .layers import HE_NUMERATOR, batchnorm2d, check_norm, fan_in_init_, last_bn, scaled_channels
-from .mimicnorm import CIFAR_RULE, ScaledConv2d, residual_scale_init
+from .layers import he_init_, scaled_channels
+from .mimicnorm import CIFAR_RULE, residual_scale_init
+from .variants import BN, Variant
 
 CONV_VARIANCE = 2.0
 MIN_CHANNELS_PER_GROUP = 2
@@ -34,7 +35,7 @@ STAGES = (
 
 
 def make_conv(
-    norm: str,
+    variant: Variant,
     in_channels: int,
     out_channels: int,
     kernel_size: int,
@@ -52,16 +53,14 @@ def make_conv(
     """
     if reference_fan_in is None:
         reference_fan_in = in_channels // groups * kernel_size * kernel_size
-    bias = norm == "bn" or reference_fan_in > CIFAR_RULE.min_fan_in
+    bias = variant.body_bn or reference_fan_in > CIFAR_RULE.min_fan_in
     args = (in_channels, out_channels, kernel_size, stride, padding)
-    if scale is None or norm == "bn":
-        return nn.Conv2d(*args, groups=groups, bias=bias)
-    return ScaledConv2d(*args, groups=groups, bias=bias, scale_init=scale)
+    return variant.conv(*args, groups=groups, bias=bias, scale=scale)
 
 
-def activation(norm: str) -> nn.Module:
+def activation(variant: Variant) -> nn.Module:
     """ReLU6 in the plain twin, ReLU in the BN-free variants."""
-    return nn.ReLU6(inplace=True) if norm == "bn" else nn.ReLU(inplace=True)
+    return nn.ReLU6(inplace=True) if variant.body_bn else nn.ReLU(inplace=True)
 
 
 class LinearBottleneck(nn.Module):
@@ -79,12 +78,11 @@ class LinearBottleneck(nn.Module):
         out_channels: int,
         stride: int,
         expansion: int,
-        norm: str,
+        variant: Variant,
         identity_index: int | None = None,
         width: float = 1.0,
     ) -> None:
         super().__init__()
-        check_norm(norm)
         self.identity = stride == 1 and in_channels == out_channels
         if self.identity != (identity_index is not None):
             raise ValueError("identity_index must be given exactly for identity-shortcut blocks")
@@ -94,14 +92,14 @@ class LinearBottleneck(nn.Module):
         narrow_out = scaled_channels(out_channels, width)
         scale = residual_scale_init(identity_index or 1, 2)
         self.residual = nn.Sequential(
-            make_conv(norm, narrow_in, hidden, 1, reference_fan_in=in_channels),
-            *batchnorm2d(norm, hidden),
-            activation(norm),
-            make_conv(norm, hidden, hidden, 3, stride=stride, padding=1, groups=hidden),
-            *batchnorm2d(norm, hidden),
-            activation(norm),
-            make_conv(norm, hidden, narrow_out, 1, scale=scale, reference_fan_in=full_hidden),
-            *batchnorm2d(norm, narrow_out),
+            make_conv(variant, narrow_in, hidden, 1, reference_fan_in=in_channels),
+            *variant.norm2d(hidden),
+            activation(variant),
+            make_conv(variant, hidden, hidden, 3, stride=stride, padding=1, groups=hidden),
+            *variant.norm2d(hidden),
+            activation(variant),
+            make_conv(variant, hidden, narrow_out, 1, scale=scale, reference_fan_in=full_hidden),
+            *variant.norm2d(narrow_out),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,15 +110,14 @@ class LinearBottleneck(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """CIFAR MobileNetV2 (1x1 stem, seven bottleneck stages, 1x1 conv classifier) for any `norm`."""
+    """CIFAR MobileNetV2 (1x1 stem, seven bottleneck stages, 1x1 conv classifier), any variant."""
 
-    def __init__(self, norm: str = "bn", num_classes: int = 100, width: float = 1.0) -> None:
+    def __init__(self, variant: Variant = BN, num_classes: int = 100, width: float = 1.0) -> None:
         super().__init__()
-        check_norm(norm)
         stem = scaled_channels(STEM_CHANNELS, width)
         # pytorch-cifar100's stem: a 1x1 conv with padding 1 (32x32 -> 34x34).
         self.pre = nn.Sequential(
-            make_conv(norm, 3, stem, 1, padding=1), *batchnorm2d(norm, stem), activation(norm)
+            make_conv(variant, 3, stem, 1, padding=1), *variant.norm2d(stem), activation(variant)
         )
         identity_blocks = 0
         in_channels = STEM_CHANNELS
@@ -132,7 +129,7 @@ class MobileNetV2(nn.Module):
                 if block_stride == 1 and in_channels == out_channels:
                     identity_blocks += 1
                     index = identity_blocks
-                block_args = (in_channels, out_channels, block_stride, expansion, norm, index)
+                block_args = (in_channels, out_channels, block_stride, expansion, variant, index)
                 layers.append(LinearBottleneck(*block_args, width=width))
                 in_channels = out_channels
             # a one-block stage is the block itself, keeping pytorch-cifar100's state-dict names
@@ -140,28 +137,22 @@ class MobileNetV2(nn.Module):
         features = scaled_channels(FEATURE_CHANNELS, width)
         narrow_in = scaled_channels(in_channels, width)
         self.conv1 = nn.Sequential(
-            make_conv(norm, narrow_in, features, 1, reference_fan_in=in_channels),
-            *batchnorm2d(norm, features),
-            activation(norm),
+            make_conv(variant, narrow_in, features, 1, reference_fan_in=in_channels),
+            *variant.norm2d(features),
+            activation(variant),
         )
-        self.conv2 = make_conv(norm, features, num_classes, 1, reference_fan_in=FEATURE_CHANNELS)
-        self.last_bn = last_bn(norm, num_classes)
-        if norm == "bn":
-            fan_in_init_(self, HE_NUMERATOR)
-        else:
-            fan_in_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
+        self.conv2 = make_conv(variant, features, num_classes, 1, reference_fan_in=FEATURE_CHANNELS)
+        self.last_bn = variant.last_bn(num_classes)
+        variant.init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP, plain=he_init_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage4(self.stage3(self.stage2(self.stage1(self.pre(x)))))
         x = self.stage7(self.stage6(self.stage5(x)))
         x = F.adaptive_avg_pool2d(self.conv1(x), 1)
-        logits = torch.flatten(self.conv2(x), 1)
-        if self.last_bn is not None:
-            logits = self.last_bn(logits)
-        return logits
+        return self.last_bn(torch.flatten(self.conv2(x), 1))
 
 
 @register_model("cifar", "mobilenetv2")
-def mobilenetv2(norm: str, num_classes: int, width: float) -> MobileNetV2:
+def mobilenetv2(variant: Variant, num_classes: int, width: float) -> MobileNetV2:
     """CIFAR MobileNetV2 (pytorch-cifar100)."""
-    return MobileNetV2(norm, num_classes, width)
+    return MobileNetV2(variant, num_classes, width)

@@ -2,10 +2,10 @@
 
 He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016.
 
-One definition serves the three variants. "bn" is the usual BatchNorm network. "mimic" (`_cbn`)
+One definition serves the three variants. `BN` is the usual BatchNorm network. `MIMIC` (`_cbn`)
 drops every BatchNorm2d, gives the convs biases, N(0, 2/fan_in) weights and folds a learnable
 scalar 1.2**k / l (k convs in the branch, l the block's global index from 1) into the last conv of
-every residual branch, and ends in the last BN on the logits. "none" (`_nobn`) is the "mimic"
+every residual branch, and ends in the last BN on the logits. `NO_NORM` (`_nobn`) is the `MIMIC`
 network without the last BN. The plain twin keeps its reference init: torchvision's on ImageNet,
 PyTorch's default layer init on CIFAR (the reference CIFAR code's init loop was disabled).
 """
@@ -17,16 +17,9 @@ import torch
 from torch import nn
 
 from ._registry import register_model
-from .layers import (
-    HE_NUMERATOR,
-    batchnorm2d,
-    check_norm,
-    fan_in_init_,
-    last_bn,
-    plain_init_,
-    scaled_channels,
-)
-from .mimicnorm import CENTRING_GAIN, ScaledConv2d, residual_scale_init
+from .layers import HE_NUMERATOR, plain_init_, scaled_channels
+from .mimicnorm import CENTRING_GAIN, residual_scale_init
+from .variants import Variant
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 STEMS = ("cifar", "imagenet")
@@ -37,7 +30,7 @@ class ResidualBlock(nn.Module):
 
     The branch is conv-[BN]-ReLU-...-conv-[BN]; without BN its last conv is a `ScaledConv2d`
     carrying the residual scalar. The stride sits on the first 3x3 conv (torchvision's v1.5).
-    A projection shortcut (1x1 conv) is used when the shape changes: conv-BN for "bn", otherwise a
+    A projection shortcut (1x1 conv) is used when the shape changes: conv-BN for `BN`, otherwise a
     conv with `projection_bias`, followed by a folded scalar when `projection_scale` is given.
     Channel counts are the full-width ones, which fix the topology; the convs get them scaled by
     `width`.
@@ -51,18 +44,17 @@ class ResidualBlock(nn.Module):
         in_channels: int,
         planes: int,
         stride: int,
-        norm: str,
+        variant: Variant,
         block_index: int,
         projection_bias: bool = True,
         projection_scale: float | None = None,
         width: float = 1.0,
     ) -> None:
         super().__init__()
-        check_norm(norm)
         out_channels = planes * self.expansion
-        self.branch = self._branch(in_channels, planes, stride, norm, block_index, width)
+        self.branch = self._branch(in_channels, planes, stride, variant, block_index, width)
         self.shortcut = self._shortcut(
-            in_channels, out_channels, stride, norm, projection_bias, projection_scale, width
+            in_channels, out_channels, stride, variant, projection_bias, projection_scale, width
         )
         self.relu = nn.ReLU(inplace=True)
 
@@ -72,7 +64,13 @@ class ResidualBlock(nn.Module):
         return self.relu(out)
 
     def _branch(
-        self, in_channels: int, planes: int, stride: int, norm: str, block_index: int, width: float
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        variant: Variant,
+        block_index: int,
+        width: float,
     ) -> nn.Sequential:
         n = len(self.kernel_sizes)
         full = [in_channels] + [planes] * (n - 1) + [planes * self.expansion]
@@ -83,14 +81,9 @@ class ResidualBlock(nn.Module):
         for i, (kernel, conv_stride) in enumerate(zip(self.kernel_sizes, strides)):
             args = (channels[i], channels[i + 1], kernel, conv_stride, kernel // 2)
             last = i == n - 1
-            if norm == "bn":
-                conv = nn.Conv2d(*args, bias=False)
-            elif last:
-                scale = residual_scale_init(block_index, n)
-                conv = ScaledConv2d(*args, bias=True, scale_init=scale)
-            else:
-                conv = nn.Conv2d(*args, bias=True)
-            layers += [conv, *batchnorm2d(norm, channels[i + 1])]
+            scale = residual_scale_init(block_index, n) if last else None
+            conv = variant.conv(*args, bias=variant.conv_bias, scale=scale)
+            layers += [conv, *variant.norm2d(channels[i + 1])]
             if not last:
                 layers.append(nn.ReLU(inplace=True))
         return nn.Sequential(*layers)
@@ -100,7 +93,7 @@ class ResidualBlock(nn.Module):
         in_channels: int,
         out_channels: int,
         stride: int,
-        norm: str,
+        variant: Variant,
         bias: bool,
         scale: float | None,
         width: float,
@@ -110,14 +103,10 @@ class ResidualBlock(nn.Module):
             return nn.Identity()
         in_channels = scaled_channels(in_channels, width)
         out_channels = scaled_channels(out_channels, width)
-        if norm == "bn":
-            return nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-        if scale is None:
-            return nn.Conv2d(in_channels, out_channels, 1, stride, bias=bias)
-        return ScaledConv2d(in_channels, out_channels, 1, stride, bias=bias, scale_init=scale)
+        if variant.body_bn:
+            conv = variant.conv(in_channels, out_channels, 1, stride, bias=variant.conv_bias)
+            return nn.Sequential(conv, *variant.norm2d(out_channels))
+        return variant.conv(in_channels, out_channels, 1, stride, bias=bias, scale=scale)
 
 
 class BasicBlock(ResidualBlock):
@@ -137,7 +126,7 @@ class Bottleneck(ResidualBlock):
 class ResNet(nn.Module):
     """ResNet with a CIFAR (3x3 conv, no max-pool) or ImageNet (7x7/2 conv, 3x3/2 max-pool) stem.
 
-    Block indices for the residual scalars run from 1 over the whole network. Plain ("bn") models
+    Block indices for the residual scalars run from 1 over the whole network. Plain (`BN`) models
     keep torchvision's init with the ImageNet stem and PyTorch's defaults with the CIFAR one; the
     BN-free variants use N(0, 2/fan_in) for every conv and Linear.
     """
@@ -146,7 +135,7 @@ class ResNet(nn.Module):
         self,
         block: type[ResidualBlock],
         depths: Sequence[int],
-        norm: str,
+        variant: Variant,
         num_classes: int,
         stem: str = "cifar",
         projection_bias: bool = True,
@@ -154,8 +143,7 @@ class ResNet(nn.Module):
         width: float = 1.0,
     ) -> None:
         super().__init__()
-        check_norm(norm)
-        self.stem = _stem(stem, norm, scaled_channels(STAGE_WIDTHS[0], width))
+        self.stem = _stem(stem, variant, scaled_channels(STAGE_WIDTHS[0], width))
         in_channels = STAGE_WIDTHS[0]
         block_index = 0
         stages = []
@@ -169,7 +157,7 @@ class ResNet(nn.Module):
                         in_channels,
                         planes,
                         stride,
-                        norm,
+                        variant,
                         block_index,
                         projection_bias,
                         projection_scale,
@@ -181,29 +169,26 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(scaled_channels(in_channels, width), num_classes)
-        self.last_bn = last_bn(norm, num_classes)
-        if norm != "bn":
-            fan_in_init_(self, HE_NUMERATOR)
-        elif stem == "imagenet":
-            plain_init_(self)
+        self.last_bn = variant.last_bn(num_classes)
+        variant.init_(self, HE_NUMERATOR, plain=plain_init_ if stem == "imagenet" else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         x = self.fc(torch.flatten(self.pool(x), 1))
-        return x if self.last_bn is None else self.last_bn(x)
+        return self.last_bn(x)
 
 
-def _stem(stem: str, norm: str, channels: int) -> nn.Sequential:
+def _stem(stem: str, variant: Variant, channels: int) -> nn.Sequential:
     """The input layers: 3x3 conv for CIFAR, 7x7/2 conv and 3x3/2 max-pool for ImageNet."""
-    bias = norm != "bn"
+    bias = variant.conv_bias
     if stem == "cifar":
         conv = nn.Conv2d(3, channels, 3, 1, 1, bias=bias)
-        return nn.Sequential(conv, *batchnorm2d(norm, channels), nn.ReLU(inplace=True))
+        return nn.Sequential(conv, *variant.norm2d(channels), nn.ReLU(inplace=True))
     if stem == "imagenet":
         conv = nn.Conv2d(3, channels, 7, 2, 3, bias=bias)
         return nn.Sequential(
             conv,
-            *batchnorm2d(norm, channels),
+            *variant.norm2d(channels),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1),
         )
@@ -211,21 +196,29 @@ def _stem(stem: str, norm: str, channels: int) -> nn.Sequential:
 
 
 def _cifar_resnet(
-    block: type[ResidualBlock], depths: Sequence[int], norm: str, num_classes: int, width: float
+    block: type[ResidualBlock],
+    depths: Sequence[int],
+    variant: Variant,
+    num_classes: int,
+    width: float,
 ) -> ResNet:
     # Reference CIFAR code: BasicBlock projections have a bias, Bottleneck ones do not; no scalar.
     bias = block is BasicBlock
-    return ResNet(block, depths, norm, num_classes, "cifar", projection_bias=bias, width=width)
+    return ResNet(block, depths, variant, num_classes, "cifar", projection_bias=bias, width=width)
 
 
 def _imagenet_resnet(
-    block: type[ResidualBlock], depths: Sequence[int], norm: str, num_classes: int, width: float
+    block: type[ResidualBlock],
+    depths: Sequence[int],
+    variant: Variant,
+    num_classes: int,
+    width: float,
 ) -> ResNet:
     # Reference ImageNet code: biased projection followed by a scalar initialised to 1.2.
     return ResNet(
         block,
         depths,
-        norm,
+        variant,
         num_classes,
         "imagenet",
         projection_bias=True,
@@ -235,42 +228,42 @@ def _imagenet_resnet(
 
 
 @register_model("cifar", "resnet18")
-def cifar_resnet18(norm: str, num_classes: int, width: float) -> ResNet:
+def cifar_resnet18(variant: Variant, num_classes: int, width: float) -> ResNet:
     """ResNet-18 for 32x32 inputs."""
-    return _cifar_resnet(BasicBlock, (2, 2, 2, 2), norm, num_classes, width)
+    return _cifar_resnet(BasicBlock, (2, 2, 2, 2), variant, num_classes, width)
 
 
 @register_model("cifar", "resnet34")
-def cifar_resnet34(norm: str, num_classes: int, width: float) -> ResNet:
+def cifar_resnet34(variant: Variant, num_classes: int, width: float) -> ResNet:
     """ResNet-34 for 32x32 inputs."""
-    return _cifar_resnet(BasicBlock, (3, 4, 6, 3), norm, num_classes, width)
+    return _cifar_resnet(BasicBlock, (3, 4, 6, 3), variant, num_classes, width)
 
 
 @register_model("cifar", "resnet50")
-def cifar_resnet50(norm: str, num_classes: int, width: float) -> ResNet:
+def cifar_resnet50(variant: Variant, num_classes: int, width: float) -> ResNet:
     """ResNet-50 for 32x32 inputs."""
-    return _cifar_resnet(Bottleneck, (3, 4, 6, 3), norm, num_classes, width)
+    return _cifar_resnet(Bottleneck, (3, 4, 6, 3), variant, num_classes, width)
 
 
 @register_model("cifar", "resnet101")
-def cifar_resnet101(norm: str, num_classes: int, width: float) -> ResNet:
+def cifar_resnet101(variant: Variant, num_classes: int, width: float) -> ResNet:
     """ResNet-101 for 32x32 inputs."""
-    return _cifar_resnet(Bottleneck, (3, 4, 23, 3), norm, num_classes, width)
+    return _cifar_resnet(Bottleneck, (3, 4, 23, 3), variant, num_classes, width)
 
 
 @register_model("imagenet", "resnet18")
-def imagenet_resnet18(norm: str, num_classes: int, width: float) -> ResNet:
+def imagenet_resnet18(variant: Variant, num_classes: int, width: float) -> ResNet:
     """ResNet-18 for 224x224 inputs."""
-    return _imagenet_resnet(BasicBlock, (2, 2, 2, 2), norm, num_classes, width)
+    return _imagenet_resnet(BasicBlock, (2, 2, 2, 2), variant, num_classes, width)
 
 
 @register_model("imagenet", "resnet50")
-def imagenet_resnet50(norm: str, num_classes: int, width: float) -> ResNet:
+def imagenet_resnet50(variant: Variant, num_classes: int, width: float) -> ResNet:
     """ResNet-50 for 224x224 inputs."""
-    return _imagenet_resnet(Bottleneck, (3, 4, 6, 3), norm, num_classes, width)
+    return _imagenet_resnet(Bottleneck, (3, 4, 6, 3), variant, num_classes, width)
 
 
 @register_model("imagenet", "resnet101")
-def imagenet_resnet101(norm: str, num_classes: int, width: float) -> ResNet:
+def imagenet_resnet101(variant: Variant, num_classes: int, width: float) -> ResNet:
     """ResNet-101 for 224x224 inputs."""
-    return _imagenet_resnet(Bottleneck, (3, 4, 23, 3), norm, num_classes, width)
+    return _imagenet_resnet(Bottleneck, (3, 4, 23, 3), variant, num_classes, width)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_model
-from .layers import HE_NUMERATOR, batchnorm2d, check_norm, fan_in_init_, last_bn, scaled_channels
+from .layers import he_init_, scaled_channels
+from .variants import BN, Variant
 
 CONV_VARIANCE = 2.8
 MIN_CHANNELS_PER_GROUP = 4
@@ -24,11 +25,13 @@ STEM_CHANNELS = 96
 FIRES = ((128, 16), (128, 16), (256, 32), (256, 32), (384, 48), (384, 48), (512, 64), (512, 64))
 
 
-def conv_relu(norm: str, in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+def conv_relu(
+    variant: Variant, in_channels: int, out_channels: int, kernel_size: int
+) -> nn.Sequential:
     """Conv with bias (every variant, as in pytorch-cifar100), BN in the plain twin, ReLU."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
-        *batchnorm2d(norm, out_channels),
+        *variant.norm2d(out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -37,12 +40,12 @@ class Fire(nn.Module):
     """Fire module: a 1x1 squeeze conv, then 1x1 and 3x3 expand convs concatenated."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, squeeze_channels: int, norm: str
+        self, in_channels: int, out_channels: int, squeeze_channels: int, variant: Variant
     ) -> None:
         super().__init__()
-        self.squeeze = conv_relu(norm, in_channels, squeeze_channels, 1)
-        self.expand_1x1 = conv_relu(norm, squeeze_channels, out_channels // 2, 1)
-        self.expand_3x3 = conv_relu(norm, squeeze_channels, out_channels // 2, 3)
+        self.squeeze = conv_relu(variant, in_channels, squeeze_channels, 1)
+        self.expand_1x1 = conv_relu(variant, squeeze_channels, out_channels // 2, 1)
+        self.expand_3x3 = conv_relu(variant, squeeze_channels, out_channels // 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.squeeze(x)
@@ -52,23 +55,20 @@ class Fire(nn.Module):
 class SqueezeNet(nn.Module):
     """CIFAR SqueezeNet: fire2..fire9, bypass around fire3/5/7, 1x1 conv classifier."""
 
-    def __init__(self, norm: str = "bn", num_classes: int = 100, width: float = 1.0) -> None:
+    def __init__(self, variant: Variant = BN, num_classes: int = 100, width: float = 1.0) -> None:
         super().__init__()
-        check_norm(norm)
         in_channels = scaled_channels(STEM_CHANNELS, width)
-        self.stem = nn.Sequential(*conv_relu(norm, 3, in_channels, 3), nn.MaxPool2d(2, 2))
+        self.stem = nn.Sequential(*conv_relu(variant, 3, in_channels, 3), nn.MaxPool2d(2, 2))
         for index, (out_channels, squeeze_channels) in enumerate(FIRES, start=2):
             out_channels = scaled_channels(out_channels, width, multiple=2)
             squeeze_channels = scaled_channels(squeeze_channels, width)
-            self.add_module(f"fire{index}", Fire(in_channels, out_channels, squeeze_channels, norm))
+            fire = Fire(in_channels, out_channels, squeeze_channels, variant)
+            self.add_module(f"fire{index}", fire)
             in_channels = out_channels
         self.conv10 = nn.Conv2d(in_channels, num_classes, 1)
         self.maxpool = nn.MaxPool2d(2, 2)
-        self.last_bn = last_bn(norm, num_classes)
-        if norm == "bn":
-            fan_in_init_(self, HE_NUMERATOR)
-        else:
-            fan_in_init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP)
+        self.last_bn = variant.last_bn(num_classes)
+        variant.init_(self, CONV_VARIANCE, MIN_CHANNELS_PER_GROUP, plain=he_init_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -80,12 +80,10 @@ class SqueezeNet(nn.Module):
         f7 = self.fire7(f6) + f6
         f8 = self.maxpool(self.fire8(f7))
         logits = torch.flatten(F.adaptive_avg_pool2d(self.conv10(self.fire9(f8)), 1), 1)
-        if self.last_bn is not None:
-            logits = self.last_bn(logits)
-        return logits
+        return self.last_bn(logits)
 
 
 @register_model("cifar", "squeezenet")
-def squeezenet(norm: str, num_classes: int, width: float) -> SqueezeNet:
+def squeezenet(variant: Variant, num_classes: int, width: float) -> SqueezeNet:
     """CIFAR SqueezeNet (pytorch-cifar100)."""
-    return SqueezeNet(norm, num_classes, width)
+    return SqueezeNet(variant, num_classes, width)

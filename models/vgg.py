@@ -3,12 +3,12 @@
 Simonyan, Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
 ICLR 2015.
 
-One definition serves the three variants. "bn" puts a BatchNorm2d after every conv (vgg*_bn).
-"mimic" (`_cbn`) drops them, draws the convs from N(0, 2.8/fan) (fan_in on CIFAR, fan_out on
+One definition serves the three variants. `BN` puts a BatchNorm2d after every conv (vgg*_bn).
+`MIMIC` (`_cbn`) drops them, draws the convs from N(0, 2.8/fan) (fan_in on CIFAR, fan_out on
 ImageNet, as the reference code did) and the Linears from N(0, 2/fan_in), and ends in the last BN
-on the logits. "none" (`_nobn`) is the "mimic" network without the last BN. The plain twin is
+on the logits. `NO_NORM` (`_nobn`) is the `MIMIC` network without the last BN. The plain twin is
 initialised as the reference code did too: on CIFAR convs and Linears N(0, 2/fan_in), on ImageNet
-as the "mimic" network (convs N(0, 2.8/fan_out), Linears N(0, 2/fan_in)); biases 0, BN 1 and 0.
+as the `MIMIC` network (convs N(0, 2.8/fan_out), Linears N(0, 2/fan_in)); biases 0, BN 1 and 0.
 The width multiplier scales the conv channels and the 4096-wide hidden Linears alike.
 """
 from __future__ import annotations
@@ -19,15 +19,8 @@ import torch
 from torch import nn
 
 from ._registry import register_model
-from .layers import (
-    HE_NUMERATOR,
-    batchnorm2d,
-    check_norm,
-    fan_in_init_,
-    last_bn,
-    normal_,
-    scaled_channels,
-)
+from .layers import HE_NUMERATOR, fan_in_init_, normal_, scaled_channels
+from .variants import Variant
 
 # Conv channels, "M" a 2x2 max-pool (Simonyan & Zisserman's configurations A, B and D).
 CONFIGS: dict[str, tuple[int | str, ...]] = {
@@ -54,16 +47,15 @@ class VGG(nn.Module):
     def __init__(
         self,
         config: Sequence[int | str],
-        norm: str,
+        variant: Variant,
         num_classes: int,
         dataset: str = "cifar",
         width: float = 1.0,
     ) -> None:
         super().__init__()
-        check_norm(norm)
         if dataset not in ("cifar", "imagenet"):
             raise ValueError(f"unknown dataset {dataset!r}; expected cifar or imagenet")
-        self.features = _features(config, norm, width)
+        self.features = _features(config, variant, width)
         imagenet = dataset == "imagenet"
         self.pool = nn.AdaptiveAvgPool2d(IMAGENET_POOL) if imagenet else nn.Identity()
         features = scaled_channels(_out_channels(config), width)
@@ -78,19 +70,19 @@ class VGG(nn.Module):
             nn.Dropout(),
             nn.Linear(hidden, num_classes),
         )
-        self.last_bn = last_bn(norm, num_classes)
-        # Only the reference's plain CIFAR twin used He's numerator; all others use 2.8.
-        numerator = HE_NUMERATOR if norm == "bn" and not imagenet else CONV_VARIANCE_NUMERATOR
+        self.last_bn = variant.last_bn(num_classes)
+        # One init for every variant (the reference's); only its plain CIFAR twin used He's
+        # numerator, all others use 2.8.
+        numerator = HE_NUMERATOR if variant.body_bn and not imagenet else CONV_VARIANCE_NUMERATOR
         fan_in_init_(self.classifier, numerator)
         _conv_init_(self.features, numerator, fan_out=imagenet)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.pool(self.features(x)), 1)
-        x = self.classifier(x)
-        return x if self.last_bn is None else self.last_bn(x)
+        return self.last_bn(self.classifier(x))
 
 
-def _features(config: Sequence[int | str], norm: str, width: float) -> nn.Sequential:
+def _features(config: Sequence[int | str], variant: Variant, width: float) -> nn.Sequential:
     """3x3 conv (bias) - [BN] - ReLU per channel entry (scaled by `width`), 2x2 max-pool per "M"."""
     layers: list[nn.Module] = []
     in_channels = 3
@@ -101,7 +93,7 @@ def _features(config: Sequence[int | str], norm: str, width: float) -> nn.Sequen
         out_channels = scaled_channels(int(entry), width)
         layers += [
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            *batchnorm2d(norm, out_channels),
+            *variant.norm2d(out_channels),
             nn.ReLU(inplace=True),
         ]
         in_channels = out_channels
@@ -123,30 +115,30 @@ def _out_channels(config: Sequence[int | str]) -> int:
 
 
 @register_model("cifar", "vgg11")
-def cifar_vgg11(norm: str, num_classes: int, width: float) -> VGG:
+def cifar_vgg11(variant: Variant, num_classes: int, width: float) -> VGG:
     """VGG-11 (configuration A) for 32x32 inputs."""
-    return VGG(CONFIGS["vgg11"], norm, num_classes, "cifar", width)
+    return VGG(CONFIGS["vgg11"], variant, num_classes, "cifar", width)
 
 
 @register_model("cifar", "vgg13")
-def cifar_vgg13(norm: str, num_classes: int, width: float) -> VGG:
+def cifar_vgg13(variant: Variant, num_classes: int, width: float) -> VGG:
     """VGG-13 (configuration B) for 32x32 inputs."""
-    return VGG(CONFIGS["vgg13"], norm, num_classes, "cifar", width)
+    return VGG(CONFIGS["vgg13"], variant, num_classes, "cifar", width)
 
 
 @register_model("cifar", "vgg16")
-def cifar_vgg16(norm: str, num_classes: int, width: float) -> VGG:
+def cifar_vgg16(variant: Variant, num_classes: int, width: float) -> VGG:
     """VGG-16 (configuration D) for 32x32 inputs."""
-    return VGG(CONFIGS["vgg16"], norm, num_classes, "cifar", width)
+    return VGG(CONFIGS["vgg16"], variant, num_classes, "cifar", width)
 
 
 @register_model("imagenet", "vgg11")
-def imagenet_vgg11(norm: str, num_classes: int, width: float) -> VGG:
+def imagenet_vgg11(variant: Variant, num_classes: int, width: float) -> VGG:
     """VGG-11 (configuration A) for 224x224 inputs."""
-    return VGG(CONFIGS["vgg11"], norm, num_classes, "imagenet", width)
+    return VGG(CONFIGS["vgg11"], variant, num_classes, "imagenet", width)
 
 
 @register_model("imagenet", "vgg16")
-def imagenet_vgg16(norm: str, num_classes: int, width: float) -> VGG:
+def imagenet_vgg16(variant: Variant, num_classes: int, width: float) -> VGG:
     """VGG-16 (configuration D) for 224x224 inputs."""
-    return VGG(CONFIGS["vgg16"], norm, num_classes, "imagenet", width)
+    return VGG(CONFIGS["vgg16"], variant, num_classes, "imagenet", width)

@@ -17,16 +17,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from models._registry import VARIANT_SUFFIX  # noqa: E402
 
 NUM_CLASSES = {"cifar": 100, "imagenet": 1000}
-COLUMNS = {"bn": "plain (BN)", "mimic": "`_cbn` (MimicNorm)", "none": "`_nobn` (no norm)"}
+COLUMNS = {models.BN: "plain (BN)", models.MIMIC: "`_cbn` (MimicNorm)",
+           models.NO_NORM: "`_nobn` (no norm)"}
 
 
 def architectures(dataset: str) -> list[str]:
     """Registered architecture names for `dataset`, in natural order (resnet18 before resnet101)."""
-    archs = {models.split_model_name(name)[0] for name in models.list_models(dataset)}
-    return sorted(archs, key=_natural_key)
+    return sorted(models.list_archs(dataset), key=_natural_key)
 
 
 def _natural_key(name: str) -> list[int | str]:
@@ -48,7 +47,8 @@ def table(datasets: list[str]) -> str:
     for dataset in datasets:
         label = f"{dataset} ({NUM_CLASSES[dataset]} classes)"
         for arch in architectures(dataset):
-            counts = [parameter_count(arch + VARIANT_SUFFIX[norm], dataset) for norm in COLUMNS]
+            names = [models.twin_name(arch, variant) for variant in COLUMNS]
+            counts = [parameter_count(name, dataset) for name in names]
             cells = " | ".join(f"{n / 1e6:.3f}M" for n in counts)
             lines.append(f"| {label} | {arch} | {cells} |")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from training.checkpoint import TrainingState
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 5
@@ -63,3 +65,15 @@ def calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
         model.train()(x)
     return model.eval()
+
+
+def checkpoint_dict(**fields) -> dict:
+    """A complete checkpoint of an untrained CIFAR resnet18_cbn on -ds synthetic, with `fields`
+    changed: the file contents `TrainingState.to_dict` writes."""
+    state = TrainingState(
+        family="cifar", arch="resnet18_cbn", width=1.0, dataset="synthetic", num_classes=100,
+        classes=[f"synthetic-{i}" for i in range(100)], epoch=0, step=0, steps_per_epoch=1,
+        world_size=1, epoch_totals=[0.0] * 3, epoch_seconds=0.0, pending_eval=None, row=None,
+        best_acc1=None, model={"w": torch.ones(2)}, optimizer={}, scheduler={}, scaler=None,
+        rng=[], args={})
+    return {**state.to_dict(), **fields}

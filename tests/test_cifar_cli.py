@@ -8,7 +8,7 @@ import torch
 
 from Cifar.main import main
 from Cifar.utils import get_args_parser
-from training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from tests.helpers import checkpoint_dict
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["-a", "squeezenet_cbn", "-ds", "synthetic", "--synthetic-size", "4", "2", "-b", "2",
@@ -69,8 +69,7 @@ def test_missing_image_folder(capsys, tmp_path):
 
 
 def _checkpoint(path: Path, arch: str) -> Path:
-    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": arch,
-                "num_classes": 100, "dataset": "synthetic"}, path)
+    torch.save(checkpoint_dict(arch=arch), path)
     return path
 
 

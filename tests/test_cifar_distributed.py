@@ -44,7 +44,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, last_bn):
 
     (run_dir,) = (tmp_path / "runs" / "squeezenet_cbn").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "args.json", "best.pt", "last.pt", "log.csv"]
+        ".lock", "args.json", "best.pt", "last.pt", "log.csv"]
     with open(run_dir / "log.csv", newline="") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 

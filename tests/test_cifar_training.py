@@ -37,7 +37,7 @@ def test_every_mimicnorm_model_trains_a_few_steps(tmp_path, arch):
     for w in models.centred_conv_weights(result.model, models.CIFAR_RULE):
         assert w.mean(dim=(1, 2, 3)).abs().max() < 1e-5
     ckpt = training.load_checkpoint(result.run_dir / "last.pt", {"arch": arch, "num_classes": 100})
-    assert ckpt["epoch"] == 1 and ckpt["scheduler"]["last_epoch"] == 2
+    assert ckpt.epoch == 1 and ckpt.scheduler["last_epoch"] == 2
 
 
 def test_amp_and_channels_last_on_cpu(tmp_path):

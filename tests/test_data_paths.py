@@ -256,7 +256,7 @@ def test_plain_amp_still_means_bfloat16():
 
 def test_an_inf_gradient_is_skipped_by_the_scaler_not_reported_as_divergence(tmp_path,
                                                                              monkeypatch):
-    real_create, real_update = training.runner.models.create_model, torch.amp.GradScaler.update
+    real_create, real_update = training.trainer.models.create_model, torch.amp.GradScaler.update
     backward_calls, scales = [], []
 
     def with_inf_gradient_at_step_4(*args, **kwargs):
@@ -273,7 +273,7 @@ def test_an_inf_gradient_is_skipped_by_the_scaler_not_reported_as_divergence(tmp
         real_update(self, *args, **kwargs)
         scales.append((before, self.get_scale()))
 
-    monkeypatch.setattr(training.runner.models, "create_model", with_inf_gradient_at_step_4)
+    monkeypatch.setattr(training.trainer.models, "create_model", with_inf_gradient_at_step_4)
     monkeypatch.setattr(torch.amp.GradScaler, "update", recording_update)
     assert main([*TINY, "--amp", "fp16", "-j", "0", "--epochs", "1",
                  "--out-dir", str(tmp_path)]) == 0

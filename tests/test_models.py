@@ -31,7 +31,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 CASES = [(dataset, name) for dataset in models.DATASETS for name in models.list_models(dataset)]
-ARCHS = [(dataset, name) for dataset, name in CASES if models.split_model_name(name)[1] == "bn"]
+ARCHS = [(dataset, name) for dataset, name in CASES if models.parse_name(name)[1] is models.BN]
 
 
 def natural_key(name: str) -> list:
@@ -110,9 +110,9 @@ def test_forward_backward(case: tuple[str, str, nn.Module]) -> None:
 
 def test_variant_structure(case: tuple[str, str, nn.Module]) -> None:
     dataset, name, model = case
-    norm = models.split_model_name(name)[1]
+    variant = models.parse_name(name)[1]
     found = norm_layers(model)
-    if norm == "mimic":
+    if variant is models.MIMIC:
         assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         assert isinstance(model.last_bn, LastBN)
         assert found == [model.last_bn.bn]
@@ -122,9 +122,9 @@ def test_variant_structure(case: tuple[str, str, nn.Module]) -> None:
         assert (bn.momentum, bn.eps, bn.track_running_stats) == (0.1, 1e-5, True)
         assert models.is_mimicnorm(model)
     else:
-        assert getattr(model, "last_bn", None) is None
+        assert type(model.last_bn) is nn.Identity
         assert not models.is_mimicnorm(model)
-        if norm == "none":
+        if variant is models.NO_NORM:
             assert found == []
         else:
             assert any(isinstance(m, nn.BatchNorm2d) for m in found)

@@ -158,7 +158,7 @@ def test_plain_twins_have_no_mimicnorm_scalars(dataset: str, arch: str) -> None:
 def test_shufflenet_unit_gain_and_bias() -> None:
     """CIFAR units compute shuffle(shortcut, gain * main + bias); both scalars get gradients."""
     torch.manual_seed(0)
-    unit = ShuffleUnit(16, 16, 1, "mimic", cifar=True)
+    unit = ShuffleUnit(16, 16, 1, models.MIMIC, cifar=True)
     x = torch.randn(2, 16, 4, 4)
     with torch.no_grad():
         unit.gain.fill_(-1.5)
@@ -181,7 +181,7 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_shufflenet_unit_gain_saves_no_extra_tensor(stride: int) -> None:
-    unit = ShuffleUnit(32, 32 if stride == 1 else 64, stride, "mimic", cifar=True)
+    unit = ShuffleUnit(32, 32 if stride == 1 else 64, stride, models.MIMIC, cifar=True)
     x = torch.randn(2, 32, 8, 8)
     with_gain = saved_bytes(unit, x)
     unit.gain = unit.bias = None
@@ -228,10 +228,10 @@ def test_mobilenet_residual_scalars(suffix: str) -> None:
 
 def test_mobilenet_identity_index_is_explicit() -> None:
     with pytest.raises(ValueError):
-        LinearBottleneck(16, 16, 1, 6, "mimic")
+        LinearBottleneck(16, 16, 1, 6, models.MIMIC)
     with pytest.raises(ValueError):
-        LinearBottleneck(16, 24, 2, 6, "mimic", identity_index=1)
-    block = LinearBottleneck(16, 16, 1, 6, "mimic", identity_index=4)
+        LinearBottleneck(16, 24, 2, 6, models.MIMIC, identity_index=1)
+    block = LinearBottleneck(16, 16, 1, 6, models.MIMIC, identity_index=4)
     assert block.residual[-1].scale.item() == pytest.approx(0.36)
 
 

@@ -79,13 +79,13 @@ def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path
     flag = tmp_path / "armed"
     flag.touch()
     data = _SignalledCifar(order[9], flag, signum)  # read for step 3 of 6 of the first epoch
-    with pytest.raises(training.RunInterrupted) as info:
+    with pytest.raises(training.errors.RunInterrupted) as info:
         training.run(_args(tmp_path, *flags, "--run-name", "stopped"), data)
     run_dir = tmp_path / "squeezenet_cbn" / "stopped"
     assert info.value.exit_code == 128 + signum
     assert f"continue with --resume {run_dir / 'last.pt'}" in str(info.value)
     stopped = load_checkpoint(run_dir / "last.pt", EXPECT)
-    assert stopped["epoch"] == 0 and 1 <= stopped["step"] < TINY_STEPS
+    assert stopped.epoch == 0 and 1 <= stopped.step < TINY_STEPS
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
 
     resumed = training.run(_args(tmp_path, *flags, "--resume", str(run_dir)), CifarData())
@@ -94,7 +94,7 @@ def test_stop_signal_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path
 
 
 def test_second_signal_aborts_at_once():
-    with training.StopSignals() as signals:
+    with training.guard.StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.received is signal.SIGTERM
         with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
@@ -127,12 +127,12 @@ def test_ctrl_c_with_workers_stops_cleanly_and_resumes_from_the_folder(tmp_path)
     ckpt = load_checkpoint(run_dir / "last.pt", EXPECT)
 
     finish = ["Cifar/main.py", *TINY, "--synthetic-size", "64", "4", "-j", "2",
-              "--epochs", str(ckpt["epoch"] + 1), "--resume", str(run_dir)]
+              "--epochs", str(ckpt.epoch + 1), "--resume", str(run_dir)]
     done = _start(tmp_path, finish)
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     assert f"resumed from {run_dir / 'last.pt'}" in out
-    assert load_checkpoint(run_dir / "last.pt", EXPECT)["epoch"] == ckpt["epoch"] + 1
+    assert load_checkpoint(run_dir / "last.pt", EXPECT).epoch == ckpt.epoch + 1
 
 
 # --- SIGKILL ----------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_sigkill_anywhere_loses_only_the_unsaved_steps(tmp_path, seed):
 
     def position() -> int:
         ckpt = load_checkpoint(run_dir / "last.pt", EXPECT)
-        return ckpt["epoch"] * TINY_STEPS + ckpt["step"]
+        return ckpt.epoch * TINY_STEPS + ckpt.step
 
     assert attempt(die_in_save=4) == -signal.SIGKILL
     assert list(run_dir.glob(".*.tmp*")), "the kill should land inside a checkpoint write"
@@ -225,8 +225,8 @@ def test_divergence_exits_3_and_keeps_the_good_checkpoints(tmp_path, capsys):
     run_dir = tmp_path / "squeezenet_nobn" / "hot"
     bad_step = int(line.split(" step ")[1].split()[0])
     last = load_checkpoint(run_dir / "last.pt", {"arch": "squeezenet_nobn"})
-    assert last["step"] == bad_step - 1 and f"{run_dir / 'last.pt'}" in line
-    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert last.step == bad_step - 1 and f"{run_dir / 'last.pt'}" in line
+    assert all(torch.isfinite(t).all() for t in last.model.values())
 
     twin = [*argv[:-1], "twin", "-a", "squeezenet_cbn", "--weight", "mean"]
     assert main(twin) == 0  # MimicNorm trains at the same learning rate
@@ -254,17 +254,17 @@ def test_non_finite_state_behind_a_finite_loss_is_never_saved(tmp_path, capsys, 
     assert line == ("error: training diverged: the weights or momentum are no longer finite at "
                     f"epoch 1 step 4 (lr now {lr_now:.4g}); {run_dir / 'last.pt'} (epoch 1, "
                     f"step 2/6) is the last good checkpoint; lower -lr (it is {STABLE_LR})")
-    assert load_checkpoint(run_dir / "last.pt", EXPECT)["step"] == 2
+    assert load_checkpoint(run_dir / "last.pt", EXPECT).step == 2
 
 
 def test_guard_reports_the_first_non_finite_loss_and_saves_nothing_after():
     saves = []
-    with training.StopSignals() as signals:
-        guard = training.StepGuard(signals, lambda s: saves.append(s.step), lambda: "hint",
+    with training.guard.StopSignals() as signals:
+        guard = training.guard.StepGuard(signals, lambda s: saves.append(s.step), lambda: "hint",
                                    check_every=4, save_every=2)
-        state = training.EpochState(epoch=1, steps=10)
+        state = training.engine.EpochState(epoch=1, steps=10)
         losses = [1.0, 2.0, float("nan"), 3.0, float("inf")]
-        with pytest.raises(training.TrainingDiverged,
+        with pytest.raises(training.errors.TrainingDiverged,
                            match=r"epoch 2 step 3 \(lr 0.3\); hint"):
             for step, loss in enumerate(losses, 1):
                 state.step = step
@@ -376,7 +376,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, capsys,
     assert line == (f"error: cannot write a checkpoint in {tmp_path / 'squeezenet_cbn' / 'full'}: "
                     "No space left on device; the checkpoints already there are intact")
     run_dir = tmp_path / "squeezenet_cbn" / "full"
-    assert load_checkpoint(run_dir / "last.pt", EXPECT)["step"] == 2
+    assert load_checkpoint(run_dir / "last.pt", EXPECT).step == 2
     assert not list(run_dir.glob(".*.tmp*"))
 
 

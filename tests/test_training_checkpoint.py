@@ -4,24 +4,25 @@ import csv
 import pytest
 import torch
 
-from training import CheckpointSaver, CsvLog, SyntheticImages, UsageError, correct_topk
-from training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_atomic
+from training import SyntheticImages, UsageError
+from training.checkpoint import CheckpointSaver
+from training.engine import correct_topk
+from training.logger import CsvLog
+from tests.helpers import checkpoint_dict
+from training.checkpoint import load_checkpoint, save_atomic
 from training.cli import check_args
 from training.distributed import select_gpus
 from Cifar.utils import get_args_parser
 
 
 def _header(**overrides):
-    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "arch": "resnet18_cbn",
-            "num_classes": 100, "dataset": "cifar100", "model": {"w": torch.ones(2)}}
-    ckpt.update(overrides)
-    return ckpt
+    return checkpoint_dict(dataset="cifar100", **overrides)
 
 
 def test_save_atomic_round_trips_and_leaves_no_temporary_file(tmp_path):
     save_atomic(_header(), tmp_path / "c.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
-    assert torch.equal(load_checkpoint(tmp_path / "c.pt", {"arch": "resnet18_cbn"})["model"]["w"],
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt", {"arch": "resnet18_cbn"}).model["w"],
                        torch.ones(2))
 
 
@@ -31,7 +32,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path):
     with pytest.raises(Exception):
         save_atomic({"unpicklable": lambda: None}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
-    assert load_checkpoint(path, {})["arch"] == "resnet18_cbn"
+    assert load_checkpoint(path, {}).arch == "resnet18_cbn"
 
 
 @pytest.mark.parametrize("setup, message", [

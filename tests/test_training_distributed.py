@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from training import SyncedBatchNorm1d
+from training.distributed import SyncedBatchNorm1d
 
 WORLD = 2
 

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from training import WarmupMultiStepLR, lr_factor
+from training.schedule import WarmupMultiStepLR, lr_factor
 
 
 def test_warmup_is_linear_per_iteration():

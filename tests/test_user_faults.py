@@ -171,7 +171,7 @@ def test_a_fault_during_evaluation_loses_no_training(tmp_path, capsys, fault, co
         assert line == "error: cannot read sample 0: image file is truncated (7 bytes not processed)"
     run_dir = tmp_path / "cut" / "squeezenet_cbn" / "r"
     saved = load_checkpoint(run_dir / "last.pt", {})
-    assert (saved["epoch"], saved["step"]) == (1, 0) and saved["pending_eval"] is not None
+    assert (saved.epoch, saved.step) == (1, 0) and saved.pending_eval is not None
     assert log_without_timings(run_dir)[1:] == []
 
     resumed = training.run(_tiny_args(tmp_path / "cut", *flags, "--resume", str(run_dir)),
@@ -338,7 +338,7 @@ def test_a_version_2_checkpoint_still_resumes(tiny_checkpoint, tmp_path):
     result = training.run(_tiny_args(tmp_path, "--epochs", "2", "--resume", str(run_dir)),
                           CifarData())
     assert result.metrics["epoch"] == 2
-    assert load_checkpoint(run_dir / "last.pt", {})["version"] == 3
+    assert load_checkpoint(run_dir / "last.pt", {}).family == "cifar"
 
 
 # --- 5. full disk, decompression bombs --------------------------------------------------------

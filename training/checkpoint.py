@@ -5,6 +5,7 @@ import errno
 import os
 import pickle
 import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,34 +77,71 @@ def _replace_with_copy(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
-def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any]) -> dict[str, Any]:
-    """Load a training checkpoint (`weights_only=True`, on the CPU) and check it against `expect`.
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds: the format's one definition (`to_dict` writes it,
+    `from_dict` reads and checks it), so that exact resumption has a single contract."""
 
-    `expect` maps header keys ("family", "arch", "width", "num_classes", "classes", "dataset") to
-    the values this run needs; any problem, from a missing file to another architecture, raises
-    UsageError with one line. A version-2 checkpoint is read as version 3 (`upgrade_v2`); what it
-    did not record (family, classes) is not checked.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged files; all mean "unreadable"
-        raise UsageError(f"cannot read checkpoint {path}: {_load_failure(e)}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a mimicnorm training checkpoint")
-    if ckpt.get("version") not in READABLE_VERSIONS:
-        raise UsageError(f"checkpoint {path} has format version {ckpt.get('version')}, "
-                         f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    if ckpt["version"] == 2:
-        ckpt = upgrade_v2(ckpt)
-    for key, wanted in expect.items():
-        _check_header(path, key, ckpt.get(key), wanted)
-    return ckpt
+    # What the run was made with; a run that resumes or evaluates it must agree (`check`).
+    family: str | None  # model family of the entry point: "cifar" or "imagenet" (None: version 2)
+    arch: str
+    width: float
+    dataset: str  # the -ds choice
+    num_classes: int
+    classes: list[str] | None  # class names in label order (None: version 2)
+    # Where the run is.
+    epoch: int  # epochs whose training is done
+    step: int  # steps done of the next epoch (0 at an epoch end)
+    steps_per_epoch: int
+    world_size: int
+    epoch_totals: list[float]  # the next epoch's sums so far over all processes: loss*n, top-1, n
+    epoch_seconds: float  # its training time so far
+    pending_eval: dict[str, float] | None  # epoch `epoch` trained, not yet evaluated: its stats
+    row: dict[str, float] | None  # epoch `epoch`'s log row, once evaluated
+    best_acc1: float | None
+    # What continues it.
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None  # the fp16 GradScaler's state
+    rng: list[Any]  # every process's RNG states
+    args: dict[str, Any]  # the flags
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint file's contents (plain values and tensors: `weights_only` loadable)."""
+        fields_ = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **fields_}
+
+    @classmethod
+    def from_dict(cls, ckpt: Any, path: Path) -> TrainingState:
+        """Read a loaded checkpoint file, version 2 or 3; anything else is a UsageError."""
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"{path} is not a mimicnorm training checkpoint")
+        if ckpt.get("version") not in READABLE_VERSIONS:
+            raise UsageError(f"checkpoint {path} has format version {ckpt.get('version')}, "
+                             f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+        if ckpt["version"] == 2:
+            ckpt = _upgrade_v2(ckpt)
+        missing = [f.name for f in fields(cls) if f.name not in ckpt]
+        if missing:
+            raise UsageError(f"checkpoint {path} lacks {', '.join(missing)} (damaged or foreign)")
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+
+    def check(self, path: Path, expect: dict[str, Any]) -> None:
+        """Raise UsageError (one line) unless the header fields in `expect` have those values;
+        fields a version-2 file did not record (None) are not checked."""
+        for key, wanted in expect.items():
+            found = getattr(self, key)
+            if found is None or found == wanted:
+                continue
+            if key == "classes":
+                difference = class_difference(found, wanted, "the checkpoint", "this run's data")
+                raise UsageError(f"checkpoint {path} was trained on other classes: {difference}")
+            raise UsageError(f"checkpoint {path} was made with {key} {found}, this run has {key} "
+                             f"{wanted}")
 
 
-def upgrade_v2(ckpt: dict[str, Any]) -> dict[str, Any]:
+def _upgrade_v2(ckpt: dict[str, Any]) -> dict[str, Any]:
     """A version-2 checkpoint in version 3's layout: nothing pending, no log row, family and
     classes unknown (None), width from its flags."""
     width = ckpt.get("args", {}).get("width", 1.0)
@@ -111,13 +149,21 @@ def upgrade_v2(ckpt: dict[str, Any]) -> dict[str, Any]:
             "pending_eval": None, "row": None}
 
 
-def _check_header(path: Path, key: str, found: Any, wanted: Any) -> None:
-    if found is None or found == wanted:
-        return
-    if key == "classes":
-        difference = class_difference(found, wanted, "the checkpoint", "this run's data")
-        raise UsageError(f"checkpoint {path} was trained on other classes: {difference}")
-    raise UsageError(f"checkpoint {path} was made with {key} {found}, this run has {key} {wanted}")
+def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any]) -> TrainingState:
+    """Load a training checkpoint (`weights_only=True`, on the CPU) and check it against `expect`,
+    a map of header fields ("family", "arch", "width", "num_classes", "classes", "dataset") to the
+    values this run needs. Any problem, from a missing file to another architecture, raises
+    UsageError with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files; all mean "unreadable"
+        raise UsageError(f"cannot read checkpoint {path}: {_load_failure(e)}") from None
+    state = TrainingState.from_dict(ckpt, path)
+    state.check(path, expect)
+    return state
 
 
 def _load_failure(error: Exception) -> str:

@@ -180,7 +180,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--milestones must be strictly increasing, got {args.milestones}")
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate tests a checkpoint: give it with --resume PATH")
-    if args.sync_lastbn and not args.arch.endswith("_cbn"):
+    if args.sync_lastbn and not models.is_mimicnorm_name(args.arch):
         raise UsageError(f"--sync-lastbn needs a MimicNorm (_cbn) model; {args.arch} has no "
                          "last BN")
     if args.gpu is not None and -1 in args.gpu and len(args.gpu) > 1:

@@ -124,11 +124,26 @@ def sync_last_bn_(net: nn.Module) -> nn.Module:
     return net
 
 
+def is_distributed() -> bool:
+    """True in a process of a torchrun process group."""
+    return dist.is_initialized()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over all processes in place (a no-op without a process group)."""
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of a CPU `tensor` over all processes (`tensor` itself without a
+    process group); NCCL reduces on the GPU, so the values travel there and back."""
+    if not dist.is_initialized():
+        return tensor
+    shared = tensor.to("cuda") if dist.get_backend() == "nccl" else tensor
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return shared.cpu()
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ from types import FrameType
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
+from .distributed import all_reduce_max, is_distributed
 from .engine import EpochState
 from .errors import TrainingDiverged
 
@@ -86,7 +86,7 @@ class StepGuard:
         self._pending.append(_Pending(state.epoch, state.step, lr, torch.isfinite(loss).all()))
         global_step = state.epoch * state.steps + state.step
         save_now = bool(self.save_every) and global_step % self.save_every == 0 and not state.done
-        local_stop = self.signals.requested and not dist.is_initialized()
+        local_stop = self.signals.requested and not is_distributed()
         if not (save_now or local_stop or state.done or len(self._pending) >= self.check_every):
             return False
         stop = self.check()
@@ -104,10 +104,8 @@ class StepGuard:
         bad = (~flags.bool()).nonzero()
         first_bad = int(bad[0]) if len(bad) else math.inf
         stop = float(self.signals.requested)
-        if dist.is_initialized():  # agree: the earliest bad step anywhere, a stop anywhere
-            shared = torch.tensor([-first_bad, stop], dtype=torch.float64)
-            shared = shared.to("cuda") if dist.get_backend() == "nccl" else shared
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        if is_distributed():  # agree: the earliest bad step anywhere, a stop anywhere
+            shared = all_reduce_max(torch.tensor([-first_bad, stop], dtype=torch.float64))
             first_bad, stop = -shared[0].item(), shared[1].item()
         if first_bad != math.inf:
             p = pending[int(first_bad)]
