@@ -19,6 +19,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from ImageNet.lmdb_format import load_index, record_key, shared_env
+from training.cli import positive_int
 from training.errors import UNKNOWN_IMAGE_FORMAT, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,11 +126,26 @@ def default_val_resize(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
+MIN_IMAGE_SIZE = 32  # every ImageNet network here halves the resolution five times
+
+
+def image_size(text: str) -> int:
+    """argparse type of ``--image-size``: an integer the networks can downsample."""
+    value = int(text)
+    if value < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_IMAGE_SIZE} (the networks downsample by 32), got {text}"
+        )
+    return value
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ImageNet-only flags ``--image-size`` and ``--val-resize``."""
-    parser.add_argument("--image-size", type=int, default=224, help="training and eval crop size")
     parser.add_argument(
-        "--val-resize", type=int, default=None,
+        "--image-size", type=image_size, default=224, help="training and eval crop size"
+    )
+    parser.add_argument(
+        "--val-resize", type=positive_int, default=None,
         help="eval: short side resized to this, then the centre crop (default image size * 8/7)",
     )
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 from torch.utils.data import Dataset  # noqa: E402
 
 import training  # noqa: E402
-from ImageNet.data_loader import default_val_resize, load_split  # noqa: E402
+from ImageNet.data_loader import load_split  # noqa: E402
 from ImageNet.lmdb_format import LMDBFormatError  # noqa: E402
 from ImageNet.utils import IMAGENET_RECIPE, get_args_parser  # noqa: E402
 from training.data import synthetic_classes  # noqa: E402
@@ -36,9 +36,9 @@ class ImageNetData:
             data = training.SyntheticImages(n_train if train else n_test, SYNTHETIC_CLASSES,
                                             args.image_size, offset=0 if train else n_train)
             return data, synthetic_classes(SYNTHETIC_CLASSES)
-        val_resize = args.val_resize or default_val_resize(args.image_size)
         try:
-            data = load_split(Path(args.data_dir), args.dataset, train, args.image_size, val_resize)
+            data = load_split(Path(args.data_dir), args.dataset, train, args.image_size,
+                              args.val_resize)
         except (FileNotFoundError, LMDBFormatError, ValueError) as e:
             raise training.UsageError(str(e)) from None
         return data, list(data.classes)

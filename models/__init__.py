@@ -1,7 +1,7 @@
 """Plain, MimicNorm (`_cbn`) and un-normalised (`_nobn`) image classifiers for CIFAR and ImageNet."""
 from . import mobilenetv2, resnet, shufflenetv2, squeezenet, vgg  # noqa: F401  (register models)
 from ._registry import (
-    DATASETS,
+    FAMILIES,
     create_model,
     is_mimicnorm_name,
     list_archs,
@@ -30,7 +30,7 @@ from .variants import BN, MIMIC, NO_NORM, VARIANTS, Variant, get_variant
 __all__ = [
     "BN",
     "CIFAR_RULE",
-    "DATASETS",
+    "FAMILIES",
     "IMAGENET_RULE",
     "MIMIC",
     "NO_NORM",

@@ -26,33 +26,33 @@ from .variants import BN, VARIANTS, Variant, get_variant
 
 Builder = Callable[[Variant, int, float], nn.Module]
 
-DATASETS = ("cifar", "imagenet")
+FAMILIES = ("cifar", "imagenet")
 
-_builders: dict[str, dict[str, Builder]] = {dataset: {} for dataset in DATASETS}
+_builders: dict[str, dict[str, Builder]] = {family: {} for family in FAMILIES}
 
 
-def register_model(dataset: str, arch: str) -> Callable[[Builder], Builder]:
-    """Decorator registering `builder(variant, num_classes, width)` as `arch` for `dataset`."""
-    _check_dataset(dataset)
+def register_model(family: str, arch: str) -> Callable[[Builder], Builder]:
+    """Decorator registering `builder(variant, num_classes, width)` as `arch` for `family`."""
+    _check_family(family)
 
     def decorate(builder: Builder) -> Builder:
-        if arch in _builders[dataset]:
-            raise ValueError(f"{dataset} model {arch!r} registered twice")
-        _builders[dataset][arch] = builder
+        if arch in _builders[family]:
+            raise ValueError(f"{family} model {arch!r} registered twice")
+        _builders[family][arch] = builder
         return builder
 
     return decorate
 
 
-def list_models(dataset: str = "cifar") -> list[str]:
-    """Every model name for `dataset`: each architecture and its `_cbn` and `_nobn` twins."""
-    return sorted(twin_name(arch, v) for arch in list_archs(dataset) for v in VARIANTS.values())
+def list_models(family: str = "cifar") -> list[str]:
+    """Every model name for `family`: each architecture and its `_cbn` and `_nobn` twins."""
+    return sorted(twin_name(arch, v) for arch in list_archs(family) for v in VARIANTS.values())
 
 
-def list_archs(dataset: str = "cifar") -> list[str]:
-    """Every registered architecture for `dataset`, i.e. the names of the BN twins."""
-    _check_dataset(dataset)
-    return sorted(_builders[dataset])
+def list_archs(family: str = "cifar") -> list[str]:
+    """Every registered architecture for `family`, i.e. the names of the BN twins."""
+    _check_family(family)
+    return sorted(_builders[family])
 
 
 def parse_name(name: str) -> tuple[str, Variant]:
@@ -77,16 +77,16 @@ def is_mimicnorm_name(name: str) -> bool:
 
 
 def create_model(
-    name: str, num_classes: int = 100, dataset: str = "cifar", width: float = 1.0
+    name: str, num_classes: int = 100, family: str = "cifar", width: float = 1.0
 ) -> nn.Module:
-    """Build the registered model `name` for `dataset` with `num_classes` outputs at `width`."""
-    _check_dataset(dataset)
+    """Build the registered model `name` for `family` with `num_classes` outputs at `width`."""
+    _check_family(family)
     arch, variant = parse_name(name)
-    builder = _builders[dataset].get(arch)
+    builder = _builders[family].get(arch)
     if builder is None:
-        close = difflib.get_close_matches(name, list_models(dataset), n=4)
+        close = difflib.get_close_matches(name, list_models(family), n=4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown {dataset} model {name!r}{hint}")
+        raise ValueError(f"unknown {family} model {name!r}{hint}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     if not (width > 0 and math.isfinite(width)):
@@ -100,6 +100,6 @@ def create_model(
     return model
 
 
-def _check_dataset(dataset: str) -> None:
-    if dataset not in _builders:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+def _check_family(family: str) -> None:
+    if family not in _builders:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")

@@ -7,7 +7,7 @@ builders do to theirs (see models/resnet.py):
   wherever the two sit) gets a bias;
 * the recognised residual blocks get their scalars: the branch's last conv becomes a `ScaledConv2d`
   initialised to 1.2**k / l (k convs in the branch, l the block's index from 1 over the network);
-  projection shortcuts follow the reference code of `dataset` (`PROJECTIONS`);
+  projection shortcuts follow the reference code of `family` (`PROJECTIONS`);
 * a fresh network gets the `_cbn` ResNets' init (convs N(0, 2/fan_in), Linears N(0, 2/in),
   biases 0); with `init=False` the weights are kept and each BatchNorm's eval-mode affine map is
   folded into its conv (and divided by the conv's scalar), so the body computes what the BN
@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ._registry import DATASETS
+from ._registry import FAMILIES
 from .layers import HE_NUMERATOR, fan_in_init_
 from .mimicnorm import CENTRING_GAIN, LastBN, ScaledConv2d, is_mimicnorm, residual_scale_init
 from .resnet import ResidualBlock
@@ -70,23 +70,23 @@ class _Tracer(fx.Tracer):
 
 
 def convert(
-    model: nn.Module, num_classes: int, *, dataset: str = "imagenet", init: bool = True
+    model: nn.Module, num_classes: int, *, family: str = "imagenet", init: bool = True
 ) -> nn.Sequential:
     """The MimicNorm twin of `model`, a network built with Conv2d-BatchNorm2d pairs.
 
-    `dataset` chooses whose reference code the projection shortcuts follow (`PROJECTIONS`);
+    `family` chooses whose reference code the projection shortcuts follow (`PROJECTIONS`);
     `init=False` keeps the weights (BatchNorms folded into their convs) instead of the fresh
     MimicNorm init. `model` is left untouched. Raises ValueError, naming the module, for what
     cannot be converted: no BatchNorm2d, another normalisation layer, a BatchNorm2d not fed by a
     Conv2d of its own, an untraceable forward, a network that is MimicNorm already.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     _check_convertible(model)
     body = copy.deepcopy(model)
     graph = trace(body)
     pairs = conv_bn_pairs(body, graph)
-    plans = residual_plans(body, dataset)
+    plans = residual_plans(body, family)
     unplanned = sorted(set(plans) - set(pairs))
     if unplanned:
         raise ValueError(f"residual-branch convs not followed by a BatchNorm2d: {unplanned}")
@@ -140,7 +140,7 @@ def conv_bn_pairs(model: nn.Module, graph: fx.Graph) -> dict[str, str]:
     return pairs
 
 
-def residual_plans(model: nn.Module, dataset: str) -> dict[str, ConvPlan]:
+def residual_plans(model: nn.Module, family: str) -> dict[str, ConvPlan]:
     """The convs of the recognised residual blocks that differ from a plain biased Conv2d."""
     names = {id(m): name for name, m in model.named_modules()}
     blocks = [parts for m in model.modules() if (parts := _residual_parts(m)) is not None]
@@ -151,7 +151,7 @@ def residual_plans(model: nn.Module, dataset: str) -> dict[str, ConvPlan]:
             m for m in shortcut.modules() if isinstance(m, nn.Conv2d)
         ]
         if len(projection) == 1:
-            plans[names[id(projection[0])]] = _projection_plan(dataset, len(branch))
+            plans[names[id(projection[0])]] = _projection_plan(family, len(branch))
     return plans
 
 
@@ -239,9 +239,9 @@ def _describe(model: nn.Module, source: object) -> str:
     return source.name
 
 
-def _projection_plan(dataset: str, convs_in_branch: int) -> ConvPlan:
-    """The reference code's projection shortcut for `dataset` (see `PROJECTIONS`)."""
-    if dataset == "imagenet":
+def _projection_plan(family: str, convs_in_branch: int) -> ConvPlan:
+    """The reference code's projection shortcut for `family` (see `PROJECTIONS`)."""
+    if family == "imagenet":
         return ConvPlan(scale=CENTRING_GAIN)
     return ConvPlan(bias=convs_in_branch == 2)
 

@@ -55,12 +55,12 @@ IMAGENET_RULE = CentringRule(min_fan_in=0, dense_only=True)
 _RULES = {"cifar": CIFAR_RULE, "imagenet": IMAGENET_RULE}
 
 
-def centring_rule(dataset: str) -> CentringRule:
-    """The reference code's centring rule for `dataset` ("cifar" or "imagenet")."""
+def centring_rule(family: str) -> CentringRule:
+    """The reference code's centring rule for `family` ("cifar" or "imagenet")."""
     try:
-        return _RULES[dataset]
+        return _RULES[family]
     except KeyError:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(_RULES)}") from None
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(_RULES)}") from None
 
 
 def conv_fan_in(conv: nn.Conv2d) -> int:

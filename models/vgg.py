@@ -49,14 +49,14 @@ class VGG(nn.Module):
         config: Sequence[int | str],
         variant: Variant,
         num_classes: int,
-        dataset: str = "cifar",
+        family: str = "cifar",
         width: float = 1.0,
     ) -> None:
         super().__init__()
-        if dataset not in ("cifar", "imagenet"):
-            raise ValueError(f"unknown dataset {dataset!r}; expected cifar or imagenet")
+        if family not in ("cifar", "imagenet"):
+            raise ValueError(f"unknown model family {family!r}; expected cifar or imagenet")
         self.features = _features(config, variant, width)
-        imagenet = dataset == "imagenet"
+        imagenet = family == "imagenet"
         self.pool = nn.AdaptiveAvgPool2d(IMAGENET_POOL) if imagenet else nn.Identity()
         features = scaled_channels(_out_channels(config), width)
         features *= IMAGENET_POOL**2 if imagenet else 1

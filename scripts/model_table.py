@@ -1,7 +1,7 @@
 """Print a markdown table of every registered model with its parameter count in each variant.
 
-    python scripts/model_table.py > table.md          # both datasets
-    python scripts/model_table.py --dataset cifar
+    python scripts/model_table.py > table.md          # both model families
+    python scripts/model_table.py --family cifar
 
 CIFAR models are built with 100 classes, ImageNet models with 1000. The table in README.md is this
 script's output.
@@ -23,32 +23,32 @@ COLUMNS = {models.BN: "plain (BN)", models.MIMIC: "`_cbn` (MimicNorm)",
            models.NO_NORM: "`_nobn` (no norm)"}
 
 
-def architectures(dataset: str) -> list[str]:
-    """Registered architecture names for `dataset`, in natural order (resnet18 before resnet101)."""
-    return sorted(models.list_archs(dataset), key=_natural_key)
+def architectures(family: str) -> list[str]:
+    """Registered architecture names for `family`, in natural order (resnet18 before resnet101)."""
+    return sorted(models.list_archs(family), key=_natural_key)
 
 
 def _natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def parameter_count(name: str, dataset: str) -> int:
-    """Number of parameters of model `name` built with the dataset's usual number of classes."""
-    model = models.create_model(name, NUM_CLASSES[dataset], dataset)
+def parameter_count(name: str, family: str) -> int:
+    """Number of parameters of model `name` built with the family's usual number of classes."""
+    model = models.create_model(name, NUM_CLASSES[family], family)
     return sum(p.numel() for p in model.parameters())
 
 
-def table(datasets: list[str]) -> str:
-    """The markdown table: one row per dataset and architecture, parameters in millions."""
+def table(families: list[str]) -> str:
+    """The markdown table: one row per family and architecture, parameters in millions."""
     lines = [
-        "| dataset | model | " + " | ".join(COLUMNS.values()) + " |",
+        "| family | model | " + " | ".join(COLUMNS.values()) + " |",
         "|---|---|" + "---:|" * len(COLUMNS),
     ]
-    for dataset in datasets:
-        label = f"{dataset} ({NUM_CLASSES[dataset]} classes)"
-        for arch in architectures(dataset):
+    for family in families:
+        label = f"{family} ({NUM_CLASSES[family]} classes)"
+        for arch in architectures(family):
             names = [models.twin_name(arch, variant) for variant in COLUMNS]
-            counts = [parameter_count(name, dataset) for name in names]
+            counts = [parameter_count(name, family) for name in names]
             cells = " | ".join(f"{n / 1e6:.3f}M" for n in counts)
             lines.append(f"| {label} | {arch} | {cells} |")
     return "\n".join(lines)
@@ -57,9 +57,9 @@ def table(datasets: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=models.DATASETS, help="only this dataset")
+    parser.add_argument("--family", choices=models.FAMILIES, help="only this model family")
     args = parser.parse_args(argv)
-    print(table([args.dataset] if args.dataset else list(models.DATASETS)))
+    print(table([args.family] if args.family else list(models.FAMILIES)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ImageNet import folder2lmdb
 from training.checkpoint import TrainingState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,16 @@ def make_image_folder(root: Path, seed: int = 0) -> Path:
             pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
             fmt = "png" if (label, k) == (1, 2) else "jpg"
             Image.fromarray(pixels).save(root / name / f"{k:03d}.{fmt}")
+    return root
+
+
+def make_lmdb_data_dir(tmp_path_factory) -> Path:
+    """A --data-dir with train.lmdb and val.lmdb converted from two `make_image_folder` trees."""
+    root = tmp_path_factory.mktemp("imagenet")
+    for split, seed in (("train", 0), ("val", 1)):
+        tree = make_image_folder(tmp_path_factory.mktemp(split) / split, seed=seed)
+        assert folder2lmdb.main(["--src", str(tree), "--dst", str(root / f"{split}.lmdb"),
+                                 "--quiet"]) == 0
     return root
 
 

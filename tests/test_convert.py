@@ -70,11 +70,11 @@ def test_torchvision_resnet_converts_to_our_imagenet_cbn(arch: str) -> None:
 def test_our_bn_resnet_converts_to_our_cbn(arch: str) -> None:
     for dataset in ("cifar", "imagenet"):
         with torch.device("meta"):  # full-width shapes cost nothing on the meta device
-            full = models.convert(models.create_model(arch, 100, dataset), 100, dataset=dataset)
+            full = models.convert(models.create_model(arch, 100, dataset), 100, family=dataset)
             assert shapes(full) == shapes(models.create_model(f"{arch}_cbn", 100, dataset))
     torch.manual_seed(0)
     bn_twin = models.create_model(arch, 10, "cifar", width=0.25)
-    converted = models.convert(bn_twin, 10, dataset="cifar")
+    converted = models.convert(bn_twin, 10, family="cifar")
     ours = models.create_model(f"{arch}_cbn", 10, "cifar", width=0.25)
     assert scales(converted) == scales(ours)
     copy_parameters_(ours, converted)
@@ -83,7 +83,7 @@ def test_our_bn_resnet_converts_to_our_cbn(arch: str) -> None:
 
 def test_cifar_style_torchvision_resnet_converts_to_our_cifar_cbn() -> None:
     torch.manual_seed(0)
-    converted = models.convert(cifar_torchvision_resnet18(100), 100, dataset="cifar")
+    converted = models.convert(cifar_torchvision_resnet18(100), 100, family="cifar")
     ours = models.create_model("resnet18_cbn", 100, "cifar")
     assert scales(converted) == scales(ours)
     copy_parameters_(ours, converted)
@@ -109,17 +109,17 @@ def test_kept_weights_compute_the_bn_network_in_eval_mode(arch: str, dataset: st
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     bn_twin = calibrated(models.create_model(arch, 10, dataset, width=0.25).double(), x)
     before = copy.deepcopy(bn_twin.state_dict())
-    converted = models.convert(bn_twin, 10, dataset=dataset, init=False)
+    converted = models.convert(bn_twin, 10, family=dataset, init=False)
     assert all(torch.equal(before[k], v) for k, v in bn_twin.state_dict().items())  # untouched
     assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
     torch.testing.assert_close(converted.body(x), bn_twin(x), rtol=1e-10, atol=1e-10)
 
 
 def test_cifar_bottleneck_projection_has_no_bias() -> None:
-    converted = models.convert(torchvision.models.resnet50(), 10, dataset="cifar")
+    converted = models.convert(torchvision.models.resnet50(), 10, family="cifar")
     projection = converted.body.layer1[0].downsample[0]
     assert type(projection) is nn.Conv2d and projection.bias is None
-    basic = models.convert(torchvision.models.resnet18(), 10, dataset="cifar")
+    basic = models.convert(torchvision.models.resnet18(), 10, family="cifar")
     assert type(basic.body.layer2[0].downsample[0]) is nn.Conv2d
     assert basic.body.layer2[0].downsample[0].bias is not None
 
@@ -236,8 +236,8 @@ def test_bad_input_is_named(case: str) -> None:
 
 
 def test_unknown_dataset() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-        models.convert(conv_then(nn.BatchNorm2d(4)), 10, dataset="mnist")
+    with pytest.raises(ValueError, match="unknown model family 'mnist'"):
+        models.convert(conv_then(nn.BatchNorm2d(4)), 10, family="mnist")
 
 
 def filter_means(weights: list[torch.Tensor]) -> torch.Tensor:

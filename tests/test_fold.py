@@ -22,7 +22,7 @@ from tests.helpers import calibrated
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CASES = [(d, name) for d in models.DATASETS for name in models.list_models(d)]
+CASES = [(d, name) for d in models.FAMILIES for name in models.list_models(d)]
 # torch.export takes ~0.5 s a model on one core: one model of each family and variant kind.
 EXPORTED = [
     ("cifar", "resnet18_cbn"), ("cifar", "resnet50"), ("cifar", "squeezenet_cbn"),

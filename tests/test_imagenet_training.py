@@ -9,13 +9,12 @@ import lmdb
 import pytest
 import torch
 
-from ImageNet import folder2lmdb
 from ImageNet.lmdb_format import record_key
 from ImageNet.main import main
 from ImageNet.utils import IMAGENET_RECIPE, get_args_parser
 from training import Runtime
 from training.runner import resolve_defaults
-from tests.helpers import make_image_folder
+from tests.helpers import make_lmdb_data_dir
 
 COMMON = ["--image-size", "32", "--val-resize", "36", "-b", "4", "-j", "0", "--gpu", "-1",
           "--no-progress", "--epochs", "1"]
@@ -23,12 +22,7 @@ COMMON = ["--image-size", "32", "--val-resize", "36", "-b", "4", "-j", "0", "--g
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("imagenet")
-    for split, seed in (("train", 0), ("val", 1)):
-        tree = make_image_folder(tmp_path_factory.mktemp(split) / split, seed=seed)
-        assert folder2lmdb.main(["--src", str(tree), "--dst", str(root / f"{split}.lmdb"),
-                                 "--quiet"]) == 0
-    return root
+    return make_lmdb_data_dir(tmp_path_factory)
 
 
 def test_one_epoch_then_evaluate(data_dir: Path, tmp_path: Path, capsys) -> None:

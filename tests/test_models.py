@@ -30,7 +30,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LocalResponseNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-CASES = [(dataset, name) for dataset in models.DATASETS for name in models.list_models(dataset)]
+CASES = [(dataset, name) for dataset in models.FAMILIES for name in models.list_models(dataset)]
 ARCHS = [(dataset, name) for dataset, name in CASES if models.parse_name(name)[1] is models.BN]
 
 
@@ -160,7 +160,7 @@ def test_nobn_is_cbn_without_last_bn(dataset: str, arch: str) -> None:
 # --- the weight-mean invariant under training ------------------------------------------------
 
 
-@pytest.mark.parametrize("dataset", models.DATASETS)
+@pytest.mark.parametrize("dataset", models.FAMILIES)
 def test_weight_mean_holds_through_sgd(dataset: str) -> None:
     model = build(dataset, "resnet18_cbn")
     rule = RULES[dataset]
@@ -235,7 +235,7 @@ def blocks(model: nn.Module) -> list[ResidualBlock]:
     return [m for m in model.modules() if isinstance(m, ResidualBlock)]
 
 
-@pytest.mark.parametrize("dataset", models.DATASETS)
+@pytest.mark.parametrize("dataset", models.FAMILIES)
 @pytest.mark.parametrize("arch,n_blocks,k", [("resnet18", 8, 2), ("resnet50", 16, 3)])
 @pytest.mark.parametrize("suffix", ["_cbn", "_nobn"])
 def test_residual_scale_init(dataset: str, arch: str, n_blocks: int, k: int, suffix: str) -> None:
@@ -260,7 +260,7 @@ def test_residual_scale_init(dataset: str, arch: str, n_blocks: int, k: int, suf
         assert [b.branch[-1].scale.item() for b in found] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("dataset", models.DATASETS)
+@pytest.mark.parametrize("dataset", models.FAMILIES)
 def test_plain_resnet_has_no_scalars_or_conv_biases(dataset: str) -> None:
     model = build(dataset, "resnet18")
     assert not any(isinstance(m, ScaledConv2d) for m in model.modules())
@@ -271,7 +271,7 @@ def std_ratio(weight: torch.Tensor, numerator: float, fan: int) -> float:
     return weight.std().item() / math.sqrt(numerator / fan)
 
 
-@pytest.mark.parametrize("dataset", models.DATASETS)
+@pytest.mark.parametrize("dataset", models.FAMILIES)
 def test_resnet_init(dataset: str) -> None:
     model = build(dataset, "resnet18_cbn")
     for m in model.modules():

@@ -26,7 +26,7 @@ from ImageNet.data_loader import decode_image
 from ImageNet.main import main as imagenet_main
 from ImageNet.utils import get_args_parser as imagenet_parser
 from tests.helpers import (REPO, assert_same_training_state, log_without_timings,
-                           make_image_folder, stderr_lines)
+                           make_image_folder, make_lmdb_data_dir, stderr_lines)
 from tests.recipes import TINY
 from training.checkpoint import load_checkpoint
 from training.cli import available_cpus
@@ -54,12 +54,7 @@ def _run_script(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def lmdb_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lmdb")
-    for split, seed in (("train", 0), ("val", 1)):
-        tree = make_image_folder(tmp_path_factory.mktemp(split) / split, seed=seed)
-        assert folder2lmdb.main(["--src", str(tree), "--dst", str(root / f"{split}.lmdb"),
-                                 "--quiet"]) == 0
-    return root
+    return make_lmdb_data_dir(tmp_path_factory)
 
 
 def _truncated_copy(lmdb_dir: Path, target: Path, split: str, keep: int) -> Path:
@@ -407,6 +402,14 @@ def test_max_steps_also_bounds_evaluation(tmp_path, capsys):
     assert data.test_sets[0].reads == list(range(8))  # 2 batches of 4, not 40 images
     assert "24 train / the first 2 batches (--max-steps) of 40 test images" in (
         capsys.readouterr().out)
+
+
+def test_imagenet_image_size_too_small_for_the_networks(capsys):
+    with pytest.raises(SystemExit) as info:
+        imagenet_parser().parse_args(["-a", "vgg11_cbn", "--image-size", "16"])
+    assert info.value.code == 2
+    assert "--image-size: must be at least 32 (the networks downsample by 32), got 16" in (
+        capsys.readouterr().err)
 
 
 def test_imagenet_help_names_the_val_folder():

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Key count and a hash of the keys of every registry model, recorded before the variant object
 # replaced the variant strings: checkpoints and reference weights load by these names.
 STATE_DICT_KEYS = json.loads((Path(__file__).with_name("state_dict_keys.json")).read_text())
-CASES = [(d, name) for d in models.DATASETS for name in models.list_models(d)]
+CASES = [(d, name) for d in models.FAMILIES for name in models.list_models(d)]
 
 
 def keys_digest(model: nn.Module) -> list:
@@ -56,7 +56,7 @@ def test_twin_name_swaps_the_suffix() -> None:
 
 
 def test_list_models_is_every_arch_in_every_variant() -> None:
-    for dataset in models.DATASETS:
+    for dataset in models.FAMILIES:
         archs = models.list_archs(dataset)
         assert all(models.parse_name(a) == (a, models.BN) for a in archs)
         expected = {models.twin_name(a, v) for a in archs for v in models.VARIANTS}
