@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.mimicnorm import CIFAR_RULE, ScaledConv2d, WeightMean, centre_filters_
+from models.mimicnorm import CIFAR_RULE, LastBN, ScaledConv2d, WeightMean, centre_filters_
 
 # (in, out, kernel, stride, padding, groups, bias)
 CONV_CASES = [
@@ -133,3 +133,15 @@ def test_centre_filters_matches_direct_subtraction() -> None:
     centre_filters_(weights)
     for w, e in zip(weights, expected):
         torch.testing.assert_close(w, e)
+
+
+def test_last_bn_keeps_float64_and_lifts_lower_precisions_to_float32() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(8, 5, dtype=torch.float64) * 3 + 1
+    last_bn = LastBN(5).double()
+    out = last_bn(logits)
+    assert out.dtype == torch.float64
+    expected = (logits - logits.mean(0)) / torch.sqrt(logits.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert LastBN(5)(logits.to(dtype)).dtype == torch.float32
