@@ -23,12 +23,6 @@ from tests.helpers import calibrated
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [(d, name) for d in models.FAMILIES for name in models.list_models(d)]
-# torch.export takes ~0.5 s a model on one core: one model of each family and variant kind.
-EXPORTED = [
-    ("cifar", "resnet18_cbn"), ("cifar", "resnet50"), ("cifar", "squeezenet_cbn"),
-    ("cifar", "mobilenetv2_cbn"), ("cifar", "shufflenetv2_cbn"), ("cifar", "vgg11_nobn"),
-    ("imagenet", "resnet50_cbn"), ("imagenet", "shufflenetv2_x0_5"),
-]
 LEFT_OUT = (nn.modules.batchnorm._NormBase, models.LastBN, models.ScaledConv2d)
 
 
@@ -69,7 +63,7 @@ def test_fold_registry_model(dataset: str, name: str) -> None:
         assert torch.equal(traced(x), folded(x))
 
 
-@pytest.mark.parametrize("dataset,name", EXPORTED, ids=[f"{d}-{n}" for d, n in EXPORTED])
+@pytest.mark.parametrize("dataset,name", CASES, ids=[f"{d}-{n}" for d, n in CASES])
 def test_folded_registry_model_exports(dataset: str, name: str) -> None:
     model, x = registry_model(dataset, name)
     folded = models.fold(model)

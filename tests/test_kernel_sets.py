@@ -4,6 +4,11 @@ Float results differ between torch's CPU kernel sets, and CI runs on whichever C
 (AVX512 or AVX2). Re-running the tests whose outcome depends on float results (exact resume,
 divergence, "this trains") under ATEN_CPU_CAPABILITY=default, avx2 and avx512 makes a test that
 passes here pass on the other machines too.
+
+The re-runs leave out the slow ones (marker `slow`: SIGKILL, stop-signal and killed-study resumes,
+two thirds of the time). Equality of an interrupted and an uninterrupted run does not depend on the
+kernel set, only on the shared recipe staying finite, which `test_margins.py` checks under every
+kernel set; the fast exact-resume tests (mid-epoch, fp16, a fault during evaluation) still re-run.
 """
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ def test_numerics_tests_pass_under_every_kernel_set(kernel_set, tmp_path):
         pytest.skip(f"this CPU does not support {kernel_set}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=kernel_set)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "numerics", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-m", "numerics and not slow", "-q", "-p",
+         "no:cacheprovider",
          "--basetemp", str(tmp_path / "t")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"under ATEN_CPU_CAPABILITY={kernel_set}:\n{proc.stdout[-6000:]}"

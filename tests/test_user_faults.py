@@ -148,11 +148,21 @@ def _tiny_args(out: Path, *flags: str):
     return cifar_parser().parse_args([*TINY, "-j", "0", "--out-dir", str(out), *flags])
 
 
+EVAL_FAULT_FLAGS = ["--epochs", "2", "--synthetic-size", "24", "40", "--run-name", "r"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run folder of EVAL_FAULT_FLAGS trained without a fault."""
+    out = tmp_path_factory.mktemp("straight")
+    return training.run(_tiny_args(out, *EVAL_FAULT_FLAGS), CifarData()).run_dir
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("fault, code", [("sigterm", 143), ("bad sample", 2)])
-def test_a_fault_during_evaluation_loses_no_training(tmp_path, capsys, fault, code):
-    flags = ["--epochs", "2", "--synthetic-size", "24", "40", "--run-name", "r"]
-    straight = training.run(_tiny_args(tmp_path / "straight", *flags), CifarData())
+def test_a_fault_during_evaluation_loses_no_training(uninterrupted, tmp_path, capsys, fault,
+                                                     code):
+    flags = EVAL_FAULT_FLAGS
 
     flag = tmp_path / "fault"
     flag.touch()
@@ -171,8 +181,8 @@ def test_a_fault_during_evaluation_loses_no_training(tmp_path, capsys, fault, co
 
     resumed = training.run(_tiny_args(tmp_path / "cut", *flags, "--resume", str(run_dir)),
                            CifarData())
-    assert_same_training_state(straight.run_dir / "last.pt", resumed.run_dir / "last.pt")
-    assert log_without_timings(resumed.run_dir) == log_without_timings(straight.run_dir)
+    assert_same_training_state(uninterrupted / "last.pt", resumed.run_dir / "last.pt")
+    assert log_without_timings(resumed.run_dir) == log_without_timings(uninterrupted)
 
 
 def test_a_run_cut_before_its_log_line_gets_the_row_back(tmp_path, capsys):
