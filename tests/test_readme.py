@@ -64,3 +64,9 @@ def test_no_flag_the_command_line_lacks():
     paragraphs = [text for text in sections.split("\n\n") if "device_check" not in text]
     mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", "\n\n".join(paragraphs)))
     assert mentioned - known == set()
+
+
+@pytest.mark.parametrize("section", ["## Models", "## MimicNorm in your own code"])
+def test_python_examples_run(section):
+    block = README.split(section, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, f"README {section}", "exec"), {})
