@@ -459,3 +459,12 @@ def test_short_mimicnorm_runs_explain_their_test_loss(tmp_path, capsys):
                             "--max-steps", "2"), CifarData())
     assert "last BN" not in capsys.readouterr().out
 
+
+
+def test_a_file_system_without_flock_is_one_line(tmp_path, capsys, monkeypatch):
+    def no_flock(fd, operation):
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr("training.rundir.fcntl.flock", no_flock)
+    assert cifar_main([*TINY, "-j", "0", "--epochs", "1", "--out-dir", str(tmp_path)]) == 2
+    _one_error_line(capsys, "cannot lock the run folder", "Operation not supported",
+                    "use an --out-dir on a file system with flock")

@@ -61,6 +61,10 @@ class RunDirLock:
             os.close(fd)
             raise UsageError(f"{self.run_dir} is in use by {holder}: wait for it to end, or "
                              "choose another --run-name") from None
+        except OSError as e:  # a file system without flock (some network or FUSE mounts)
+            os.close(fd)
+            raise UsageError(f"cannot lock the run folder {self.run_dir}: {e.strerror or e}; "
+                             "use an --out-dir on a file system with flock") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
