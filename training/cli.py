@@ -102,8 +102,8 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
                       default=list(recipe.synthetic_size), help="image counts of -ds synthetic")
     data.add_argument("-j", "--workers", type=non_negative_int,
                       default=min(recipe.workers, available_cpus()),
-                      help=f"data-loading processes per training process (default: "
-                           f"{recipe.workers} or the CPUs available, if fewer)")
+                      help=f"data-loading processes per training process: {recipe.workers}, "
+                           "or the CPUs available if fewer")
 
     optim = p.add_argument_group("recipe")
     optim.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size,
