@@ -45,6 +45,7 @@ from ImageNet.lmdb_format import (
     read_index,
     record_key,
 )
+from training.cli import positive_int
 
 INITIAL_MAP_SIZE = 1 << 30  # doubled whenever it fills up
 
@@ -238,13 +239,6 @@ def _remove_database(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """The converter's command line."""
     parser = argparse.ArgumentParser(description="Convert an ImageFolder tree into one LMDB file.")
@@ -253,10 +247,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dst", type=Path, required=True, help="output file, e.g. train.lmdb")
     parser.add_argument(
-        "--commit-every", type=_positive_int, default=1000, help="images per commit"
+        "--commit-every", type=positive_int, default=1000, help="images per commit"
     )
     parser.add_argument(
-        "--workers", type=_positive_int, default=min(8, os.cpu_count() or 1), help="reader threads"
+        "--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="reader threads"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -25,6 +25,7 @@ Residual paths made otherwise (concatenation, as in ShuffleNet units; a product)
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import warnings
 from collections import OrderedDict
@@ -256,8 +257,10 @@ def _residual_parts(module: nn.Module) -> tuple[list[nn.Conv2d], nn.Module | Non
     return None
 
 
+@functools.cache
 def _foreign_blocks() -> tuple[type, ...]:
-    """torchvision's ResNet blocks, and timm's when timm is installed (imported on demand)."""
+    """torchvision's ResNet blocks, and timm's when timm is installed (imported on first use, once:
+    a failed import is not cached by Python and would be searched for at every module)."""
     from torchvision.models import resnet as tv_resnet
 
     blocks: tuple[type, ...] = (tv_resnet.BasicBlock, tv_resnet.Bottleneck)
