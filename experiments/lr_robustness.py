@@ -1,7 +1,8 @@
 """Learning-rate robustness and ablation of MimicNorm (the paper's learning-rate table), at any size.
 
-Trains, through the CIFAR entry point (`Cifar/main.py`, one engine run per cell), every variant at
-every learning rate, records the best test top-1 of each run and the test accuracy by epoch:
+Trains, through the CIFAR entry point (`Cifar/main.py`, one engine run per cell, see
+`experiments.grid`), every variant at every learning rate and seed, and reports the best test top-1
+within the epochs of each run (mean +- std over seeds) beside the paper's figures:
 
     None             <arch>_nobn
     WeightMean only  <arch>_nobn --weight mean
@@ -9,34 +10,37 @@ every learning rate, records the best test top-1 of each run and the test accura
     MimicNorm        <arch>_cbn --weight mean
     BN               <arch>
 
-The default is the CPU size (about 15 minutes on 2 cores): VGG-16 at a quarter of its width
-(`--width 0.25`) on a fixed class-balanced subset of the real CIFAR-10 images in --source (the
-first 200 training and 100 test images of each class, sorted by file name), 5 epochs. The paper's size (VGG-16, all of CIFAR-100,
-10 epochs, batch 256) on a GPU:
+The default is the CPU size: VGG-16 at a quarter of its width on a fixed class-balanced subset of
+the real CIFAR-10 images in --source (the first 1000 training images of each class in file-name
+order, every test image), 10 epochs, 3 seeds. The paper's size (all of CIFAR-100, full width,
+batch 256) on GPUs:
 
-    python -m experiments.lr_robustness --width 1 --dataset cifar100 \
-        --data-dir Cifar/data --epochs 10 --batch-size 256 --warm 2 --lrs 0.01 0.05 0.1 0.2 0.5 1.0
+    python -m experiments.lr_robustness --width 1 --dataset cifar100 --data-dir Cifar/data \
+        --batch-size 256 --gpus 0 1 --out-dir runs/lr_robustness
 
 Outputs in --out-dir: runs.csv (one row per run and epoch), table.csv and table.md (best test
-top-1 per variant and learning rate), curves.png (test top-1 by epoch, one panel per learning
-rate, and best top-1 against learning rate). Engine runs (logs only) stay in --work-dir; the
-experiment can be stopped and started again with the same command (`experiments.grid`).
+top-1 per variant and learning rate, mean, std and n over seeds; the paper's beside), curves.png
+(mean test top-1 by epoch, one panel per learning rate, and best top-1 against learning rate);
+the cells in runs/, claims, cell outputs and data in .work/. Stopped, it continues with the same
+command; `--jobs`, `--threads`, `--gpus` and `--print-commands` work as in `experiments.table1`.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
+import sys
 from pathlib import Path
 
-import pandas as pd
+if __package__ in (None, ""):  # run as a file: python experiments/lr_robustness.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models
-from experiments.grid import extracted_tree, run_to_end, subset_tree
-from experiments.tables import markdown_table, write_csv
+import pandas as pd  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+import models  # noqa: E402
+from experiments import grid  # noqa: E402
+from experiments.summarize import DIVERGED  # noqa: E402
+from experiments.tables import markdown_table, write_csv  # noqa: E402
+
 # variant -> (registry variant of the model, --weight)
 VARIANTS = {
     "None": (models.NO_NORM, "none"),
@@ -46,14 +50,11 @@ VARIANTS = {
     "BN": (models.BN, "none"),
 }
 TABLE_VARIANTS = ("None", "WeightMean only", "MimicNorm", "BN")  # the paper's table columns
-
-
-def settings_key(args: argparse.Namespace, arch: str) -> str:
-    """A short hash of everything that changes a run's result except variant and lr."""
-    keys = ("dataset", "data_dir", "source", "train_per_class", "test_per_class", "width",
-            "epochs", "batch_size", "warm", "seed", "engine_args")
-    text = json.dumps({"arch": arch, **{k: str(getattr(args, k)) for k in keys}}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+PAPER_LRS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+# The paper's table: best CIFAR-100 top-1 (%) of VGG-16 in its first 10 epochs, one run each.
+PAPER = {0.01: (22.12, 34.81, 38.39, 37.82), 0.05: (25.63, 42.63, 49.53, 37.97),
+         0.1: (1.24, 36.49, 46.92, 32.40), 0.2: (1.77, 1.00, 39.41, 25.50),
+         0.5: (1.00, 1.00, 22.03, 8.26), 1.0: (1.00, 1.00, 9.83, 3.93)}
 
 
 def model_name(arch: str, variant: str) -> str:
@@ -61,29 +62,44 @@ def model_name(arch: str, variant: str) -> str:
     return models.twin_name(arch, VARIANTS[variant][0])
 
 
-def engine_argv(arch: str, variant: str, lr: float, data_dir: Path,
+def run_name(variant: str, lr: float, seed: int) -> str:
+    """Folder name of one run: variant without spaces, learning rate, seed."""
+    return f"{variant.replace(' ', '_')}-lr{lr:g}-s{seed}"
+
+
+def engine_argv(variant: str, lr: float, seed: int, data: list[str],
                 args: argparse.Namespace) -> list[str]:
     """The `Cifar/main.py` flags of one run (where it goes aside)."""
-    return ["-a", model_name(arch, variant), "--weight", VARIANTS[variant][1],
-            "-ds", args.dataset, "--data-dir", str(data_dir), "--width", str(args.width),
-            "-b", str(args.batch_size), "-lr", str(lr),
-            "--epochs", str(args.epochs), "--warm", str(args.warm), "--seed", str(args.seed),
-            "-j", str(args.workers), "--no-progress", *args.engine_args]
+    return ["-a", model_name(args.arch, variant), "--weight", VARIANTS[variant][1], *data,
+            "--width", str(args.width), "-b", str(args.batch_size), "-lr", str(lr),
+            "--epochs", str(args.epochs), "--warm", str(args.warm), "--seed", str(seed),
+            "--loader", "device", "-j", str(args.workers), "--no-progress",
+            *grid.device_flags(args), *args.engine_args]
 
 
-def run_name(variant: str, lr: float) -> str:
-    """Folder name of one run: variant without spaces, then the learning rate."""
-    return f"{variant.replace(' ', '_')}-lr{lr:g}"
+def plan(args: argparse.Namespace) -> list[tuple[str, float, int]]:
+    """(variant, lr, seed) of every run, seed by seed: the table's variants at every lr, then
+    the ablation's LastBN-only run."""
+    per_seed = [(v, lr) for lr in args.lrs for v in TABLE_VARIANTS] + [
+        (v, args.ablation_lr) for v in VARIANTS if v not in TABLE_VARIANTS]
+    return [(v, lr, seed) for seed in args.seeds for v, lr in per_seed]
 
 
-def train_one(arch: str, variant: str, lr: float, data_dir: Path, run_root: Path,
-              args: argparse.Namespace) -> pd.DataFrame:
-    """Train one run to its end (or reuse it, or resume it); returns its log.csv. A run that
-    diverged is a result: its log holds the epochs before."""
-    run_dir = run_root / model_name(arch, variant) / run_name(variant, lr)
-    print(run_to_end(run_dir, engine_argv(arch, variant, lr, data_dir, args), args.epochs),
-          flush=True)
-    return pd.read_csv(run_dir / "log.csv")
+def data_flags(args: argparse.Namespace, work_dir: Path) -> tuple[list[str], str]:
+    """The dataset flags of every run and a caption of the data."""
+    if args.dataset == "synthetic":
+        return (["-ds", "synthetic", "--synthetic-size", *map(str, args.synthetic_size)],
+                f"synthetic images ({args.synthetic_size[0]} train / {args.synthetic_size[1]} "
+                "test)")
+    if args.dataset != "folder":
+        return ["-ds", args.dataset, "--data-dir", str(args.data_dir)], f"{args.dataset}, all"
+    root = grid.extracted_tree(args.source, work_dir / "data")
+    per_class = {"train": args.train_per_class, "test": args.test_per_class}
+    name = f"subset-{args.train_per_class or 'all'}-{args.test_per_class or 'all'}"
+    subset = grid.subset_tree(root, work_dir / name, per_class)
+    return (["-ds", "folder", "--data-dir", str(subset)],
+            f"CIFAR-10 subset: {args.train_per_class or 'all'} train / "
+            f"{args.test_per_class or 'all'} test images per class")
 
 
 def best(values: list[float]) -> float:
@@ -92,69 +108,139 @@ def best(values: list[float]) -> float:
     return max(finite) if finite else math.nan
 
 
+def read_records(runs_dir: Path, args: argparse.Namespace) -> list[dict[str, object]]:
+    """One record per run and logged epoch of every cell, with whether the run diverged (its
+    log then holds the epochs before; one that diverged in its first epoch gets one record of
+    epoch 0 and no accuracy)."""
+    records = []
+    for variant, lr, seed in plan(args):
+        folder = runs_dir / model_name(args.arch, variant) / run_name(variant, lr, seed)
+        diverged = (folder / DIVERGED).exists()
+        rows = list(pd.read_csv(folder / "log.csv").itertuples())
+        ident = {"variant": variant, "lr": lr, "seed": seed, "diverged": diverged}
+        records += [{**ident, "epoch": int(row.epoch), "train_loss": float(row.train_loss),
+                     "test_acc1": float(row.test_acc1), "epoch_seconds": float(row.epoch_seconds)}
+                    for row in rows] or [{**ident, "epoch": 0, "train_loss": math.nan,
+                                          "test_acc1": math.nan, "epoch_seconds": math.nan}]
+    return records
+
+
+def best_per_run(records: list[dict[str, object]]) -> pd.DataFrame:
+    """variant, lr, seed, whether the run diverged and its best test top-1 (NaN when it
+    diverged before its first epoch ended)."""
+    runs = pd.DataFrame(records, columns=["variant", "lr", "seed", "diverged", "test_acc1"])
+    return (runs.groupby(["variant", "lr", "seed"], sort=False)
+            .agg(diverged=("diverged", "any"),
+                 best=("test_acc1", lambda accs: best(list(accs)))).reset_index())
+
+
+def seed_table(records: list[dict[str, object]], lrs: list[float]) -> pd.DataFrame:
+    """Per lr, per table variant: mean, std and n over seeds of the best test top-1, and how
+    many of the runs diverged."""
+    scores = best_per_run(records)
+    rows = []
+    for lr in lrs:
+        row: dict[str, object] = {"lr": lr}
+        for v in TABLE_VARIANTS:
+            mine = scores[(scores["variant"] == v) & (scores["lr"] == lr)]
+            values = mine["best"][mine["best"].notna()]
+            row |= {f"{v} mean": values.mean() if len(values) else math.nan,
+                    f"{v} std": values.std(ddof=1) if len(values) > 1 else math.nan,
+                    f"{v} n": len(values), f"{v} diverged": int(mine["diverged"].sum())}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def display_table(table: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
+    """`mean +- std (n)` per variant, with the paper's figure beside each when asked."""
+    out = pd.DataFrame({"lr": table["lr"].map("{:g}".format)})
+    for i, v in enumerate(TABLE_VARIANTS):
+        out[v] = [_mean_std(r[f"{v} mean"], r[f"{v} std"], int(r[f"{v} n"]),
+                            int(r[f"{v} diverged"])) for _, r in table.iterrows()]
+        if with_paper:
+            out[f"{v} (paper)"] = [f"{PAPER[lr][i]:.2f}" if lr in PAPER else "-"
+                                   for lr in table["lr"]]
+    return out
+
+
+def _mean_std(mean: float, std: float, n: int, diverged: int) -> str:
+    """`mean ± std (n)`, and how many runs diverged."""
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 else "") + f" ({n})" if n else ""
+    return " ".join(filter(None, [text, f"{diverged} diverged" if diverged else ""])) or "-"
+
+
 def write_outputs(records: list[dict[str, object]], args: argparse.Namespace, caption: str) -> None:
     """runs.csv, table.csv, table.md and curves.png in --out-dir."""
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    runs = pd.DataFrame(records)
-    write_csv(runs, out / "runs.csv")
-
-    def acc(variant: str, lr: float) -> list[float]:
-        return runs.loc[(runs["variant"] == variant) & (runs["lr"] == lr), "test_acc1"].tolist()
-
-    table = pd.DataFrame([{"lr": lr, **{v: best(acc(v, lr)) for v in TABLE_VARIANTS}}
-                          for lr in args.lrs])
+    write_csv(pd.DataFrame(records), out / "runs.csv")
+    table = seed_table(records, args.lrs)
     write_csv(table, out / "table.csv")
-    epochs = [str(e) for e in range(1, args.epochs + 1)]
-    ablation = pd.DataFrame([{"variant": v, **dict(zip(epochs, acc(v, args.ablation_lr))),
-                              "best": best(acc(v, args.ablation_lr))} for v in VARIANTS],
-                            columns=["variant", *epochs, "best"])
-    lines = [caption, "", f"Best test top-1 (%) within {args.epochs} epochs:", "",
-             markdown_table(table.assign(lr=table["lr"].map("{:g}".format)), floatfmt=".2f"),
-             "", f"Ablation at lr {args.ablation_lr:g}: test top-1 (%) by epoch", "",
+    curves = mean_curves(records)
+    epochs = list(range(1, args.epochs + 1))
+    ablation = pd.DataFrame(
+        [{"variant": v, **{str(e): curves.get((v, args.ablation_lr, e), math.nan)
+                           for e in epochs},
+          "best (mean over seeds)": _mean_best(records, v, args.ablation_lr)} for v in VARIANTS])
+    lines = [caption, "",
+             f"Best test top-1 (%) within {args.epochs} epochs: mean ± std (seeds). "
+             "The paper's column is CIFAR-100 at full width, one run.", "",
+             markdown_table(display_table(table, with_paper=True)), "",
+             f"Ablation at lr {args.ablation_lr:g}: test top-1 (%) by epoch, mean over seeds", "",
              markdown_table(ablation, floatfmt=".2f")]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot_curves(records, args, caption, out / "curves.png")
 
 
+def mean_curves(records: list[dict[str, object]]) -> dict[tuple[str, float, int], float]:
+    """(variant, lr, epoch) -> mean test top-1 over the seeds that logged that epoch."""
+    runs = pd.DataFrame(records, columns=["variant", "lr", "seed", "epoch", "test_acc1"])
+    runs = runs[runs["epoch"] > 0]
+    return runs.groupby(["variant", "lr", "epoch"])["test_acc1"].mean().to_dict()
+
+
+def _mean_best(records: list[dict[str, object]], variant: str, lr: float) -> float:
+    scores = best_per_run(records)
+    values = scores.loc[(scores["variant"] == variant) & (scores["lr"] == lr), "best"]
+    return float(values.mean()) if values.notna().any() else math.nan
+
+
 def plot_curves(records: list[dict[str, object]], args: argparse.Namespace, caption: str,
                 path: Path) -> None:
-    """One panel per learning rate (test top-1 by epoch per variant) and best top-1 against lr."""
+    """One panel per learning rate (mean test top-1 by epoch per variant) and best top-1
+    (mean +- std over seeds) against lr."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = len(args.lrs) + 1
-    cols = min(3, panels)
+    cols = min(4, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.1 * rows), squeeze=False)
     colours = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    curves = mean_curves(records)
     for ax, lr in zip(axes.flat, args.lrs):
         for v in VARIANTS:
-            mine = [r for r in records if r["variant"] == v and r["lr"] == lr]
-            if mine:
-                ax.plot([r["epoch"] for r in mine], [r["test_acc1"] for r in mine], marker="o",
-                        markersize=3, label=v, color=colours[v])
+            points = sorted((e, acc) for (var, r, e), acc in curves.items() if var == v and r == lr)
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=v, color=colours[v])
         ax.set_title(f"lr {lr:g}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 (%)")
     ax = axes.flat[len(args.lrs)]
+    table = seed_table(records, args.lrs)
     for v in TABLE_VARIANTS:
-        ax.plot(args.lrs, [best([r["test_acc1"] for r in records if r["variant"] == v
-                                 and r["lr"] == lr]) for lr in args.lrs],
-                marker="o", label=v, color=colours[v])
+        ax.errorbar(args.lrs, table[f"{v} mean"], yerr=table[f"{v} std"].fillna(0), marker="o",
+                    capsize=3, label=v, color=colours[v])
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"best test top-1 in {args.epochs} epochs (%)")
     ax.set_title("learning-rate robustness", fontsize=9)
     for extra in list(axes.flat)[panels:]:
         extra.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    for ax in axes.flat:  # the ablation panel holds every variant: take its legend
-        h, lab = ax.get_legend_handles_labels()
-        if len(h) > len(handles):
-            handles, labels = h, lab
+    handles, labels = max((a.get_legend_handles_labels() for a in axes.flat),
+                          key=lambda hl: len(hl[0]))
     fig.legend(handles, labels, loc="lower center", ncol=len(VARIANTS), fontsize=8)
     fig.suptitle(caption, fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
@@ -169,63 +255,62 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="vgg16", help="registered CIFAR architecture")
     p.add_argument("--width", type=float, default=0.25,
                    help="channel width multiplier of the network (Cifar/main.py --width)")
-    p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5])
+    p.add_argument("--lrs", type=float, nargs="+", default=list(PAPER_LRS))
     p.add_argument("--ablation-lr", type=float, default=0.1,
                    help="learning rate of the extra LastBN-only run (must be one of --lrs)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--warm", type=int, default=1, help="epochs of linear learning-rate warm-up")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset", choices=("folder", "cifar10", "cifar100"), default="folder",
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--warm", type=int, default=2, help="epochs of linear learning-rate warm-up")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--dataset", choices=("folder", "cifar10", "cifar100", "synthetic"),
+                   default="folder",
                    help="folder: a class-balanced subset of --source; cifar10/100: torchvision's "
                         "files in --data-dir, all images")
     p.add_argument("--source", type=Path, default=None,
                    help="ImageFolder root with train/ and test/, or a .tar.gz holding one "
                         "(needed with --dataset folder)")
-    p.add_argument("--data-dir", type=Path, default=REPO / "Cifar" / "data",
+    p.add_argument("--data-dir", type=Path, default=Path("Cifar/data"),
                    help="torchvision CIFAR files (with --dataset cifar10/cifar100)")
-    p.add_argument("--train-per-class", type=int, default=200, help="0: all (--dataset folder)")
-    p.add_argument("--test-per-class", type=int, default=100, help="0: all (--dataset folder)")
-    p.add_argument("-j", "--workers", type=int, default=0, help="data-loading processes")
-    p.add_argument("--work-dir", type=Path, default=Path("/tmp/mimicnorm-experiments"),
-                   help="extracted data, subset trees and engine runs (checkpoints deleted)")
-    p.add_argument("--out-dir", type=Path, default=REPO / "results" / "lr_robustness")
-    p.add_argument("--engine-args", nargs=argparse.REMAINDER, default=[],
-                   help="further Cifar/main.py flags for every run, e.g. --amp --gpu 0 (last)")
+    p.add_argument("--train-per-class", type=int, default=1000, help="0: all (--dataset folder)")
+    p.add_argument("--test-per-class", type=int, default=0, help="0: all (--dataset folder)")
+    p.add_argument("--synthetic-size", nargs=2, type=int, default=[200, 100])
+    p.add_argument("-j", "--workers", type=int, default=0, help="data-loading processes per cell")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/lr_robustness"))
+    grid.add_study_args(p)
+    p.add_argument("engine_args", nargs=argparse.REMAINDER,
+                   help="after --: further Cifar/main.py flags for every run")
     return p
 
 
-def main(args: argparse.Namespace) -> list[dict[str, object]]:
-    """Train every run, then write the tables and the plot; returns the per-epoch records."""
-    if args.ablation_lr not in args.lrs:
-        raise SystemExit(f"--ablation-lr {args.ablation_lr} must be one of --lrs {args.lrs}")
-    if args.dataset == "folder" and args.source is None:
-        raise SystemExit("--dataset folder needs --source: an ImageFolder tree or its .tar.gz")
-    key = settings_key(args, args.arch)
-    if args.dataset == "folder":
-        root = extracted_tree(args.source, args.work_dir)
-        per_class = {"train": args.train_per_class, "test": args.test_per_class}
-        data_dir = subset_tree(root, args.work_dir / f"subset-{key}", per_class)
-        size = f"CIFAR-10 subset: {args.train_per_class or 'all'} train / " \
-               f"{args.test_per_class or 'all'} test images per class"
-    else:
-        data_dir, size = args.data_dir, f"{args.dataset}, all images"
-    run_root = args.work_dir / f"runs-{key}"
-    plan = [(v, lr) for lr in args.lrs for v in TABLE_VARIANTS] + [
-        (v, args.ablation_lr) for v in VARIANTS if v not in TABLE_VARIANTS]
-    records: list[dict[str, object]] = []
-    for variant, lr in plan:
-        for row in train_one(args.arch, variant, lr, data_dir, run_root, args).itertuples():
-            records.append({"variant": variant, "lr": lr, "epoch": int(row.epoch),
-                            "train_loss": float(row.train_loss),
-                            "test_acc1": float(row.test_acc1),
-                            "epoch_seconds": float(row.epoch_seconds)})
+def main(argv: list[str] | None = None) -> int:
+    """Train every run not done yet, then write the tables and the plot; returns the exit
+    code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
+    args.engine_args = [a for a in args.engine_args if a != "--"]
+    size = ""
+
+    def make_cells(work: Path) -> list[grid.Cell]:
+        nonlocal size
+        if args.ablation_lr not in args.lrs:
+            raise grid.StudyError(f"--ablation-lr {args.ablation_lr:g} must be one of --lrs")
+        if args.dataset == "folder" and args.source is None:
+            raise grid.StudyError("--dataset folder needs --source: an ImageFolder tree or its "
+                                  ".tar.gz")
+        data, size = data_flags(args, work)
+        return [grid.Cell(f"{model_name(args.arch, v)}/{run_name(v, lr, seed)}",
+                          tuple(engine_argv(v, lr, seed, data, args)), args.epochs)
+                for v, lr, seed in plan(args)]
+
+    code = grid.run_from_args(args, argv, "experiments.lr_robustness", make_cells)
+    if code != 0 or args.cells is not None or args.print_commands:
+        return code
     caption = (f"{args.arch} at width {args.width:g}, {size}, {args.epochs} epochs, batch "
-               f"{args.batch_size}, warm-up {args.warm}, seed {args.seed}")
-    write_outputs(records, args, caption)
+               f"{args.batch_size}, warm-up {args.warm}, seeds {' '.join(map(str, args.seeds))}")
+    write_outputs(read_records(args.out_dir / "runs", args), args, caption)
     print((args.out_dir / "table.md").read_text())
-    return records
+    return 0
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(main())

@@ -6,25 +6,28 @@ request weightmean (`<arch>_nobn --weight mean`) and lastbn (`<arch>_cbn`). Epoc
 recipe's shape at any length: a warm-up of 2/150 of the run (at least 1 epoch), then x0.1 once
 80/150, 110/150 and 135/150 of the epochs are done.
 
-The study can be stopped at any moment (Ctrl-C, SIGTERM, SIGKILL) and started again with the same
-command: finished cells are skipped, the interrupted one resumes from its last checkpoint, and
-the logs come out as an uninterrupted study's (`experiments.grid`). A cell that diverges is a
-result: it is recorded in its folder and not retried.
+Cells run as processes, `--jobs` at once with `--threads` torch threads each (or `--per-gpu`
+per GPU of `--gpus`); a cell's numbers do not depend on the packing. The study can be stopped at
+any moment (Ctrl-C, SIGTERM, SIGKILL) and started again with the same command, on a fresh clone
+too when its finished cells were committed: they are skipped, cut cells resume from their last
+checkpoints (`experiments.grid`). A cell that diverges is a result, recorded and not retried.
+`--print-commands` prints one line per unfinished cell for a cluster scheduler.
 
-    python -m experiments.table1 --source cifar10-jpeg.tar.gz --out-dir results/table1   # CPU size
-    python -m experiments.table1 --paper --data-dir Cifar/data --out-dir runs/table1      # paper
+    python -m experiments.table1 --source data/cifar10-jpeg.tar.gz --out-dir runs/table1  # CPU
+    python -m experiments.table1 --paper --data-dir Cifar/data --gpus 0 1 2 3 --out-dir runs/t1
 """
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import models
-from experiments import summarize
-from experiments.grid import extracted_tree, run_to_end, subset_tree
+if __package__ in (None, ""):  # run as a file: python experiments/table1.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from experiments import grid, summarize  # noqa: E402
 
 # study variant -> (registry variant of the model, --weight)
 VARIANTS = {"bn": (models.BN, "none"), "mimicnorm": (models.MIMIC, "mean"),
@@ -35,8 +38,8 @@ PAPER_EPOCHS, PAPER_WARM, PAPER_MILESTONES = 150, 2, (80, 110, 135)
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One run of the study."""
+class StudyCell:
+    """One run of the study, by what it varies."""
 
     arch: str
     variant: str
@@ -60,12 +63,12 @@ def recipe_shape(epochs: int) -> tuple[int, list[int]]:
     return warm, [m for m in milestones if m < epochs] or [epochs]
 
 
-def study_cells(args: argparse.Namespace) -> list[Cell]:
+def study_cells(args: argparse.Namespace) -> list[StudyCell]:
     """Every cell, seed by seed (a study cut short still has whole seeds): archs x variants,
     then the --extra arch:variant cells."""
     pairs = [(arch, variant) for arch in args.archs for variant in args.variants]
     pairs += [tuple(extra.split(":")) for extra in args.extra]
-    return [Cell(arch, variant, seed) for seed in args.seeds
+    return [StudyCell(arch, variant, seed) for seed in args.seeds
             for arch, variant in dict.fromkeys(pairs)]
 
 
@@ -74,22 +77,24 @@ def batch_size(args: argparse.Namespace, arch: str) -> int:
     return args.batch_resnet50 if arch == "resnet50" and args.batch_resnet50 else args.batch
 
 
-def data_flags(args: argparse.Namespace) -> list[str]:
-    """The dataset flags every cell shares; -ds folder gets its class-balanced subset here."""
+def data_flags(args: argparse.Namespace, work_dir: Path) -> list[str]:
+    """The dataset flags every cell shares; -ds folder gets its class-balanced subset (in
+    `work_dir`) here."""
     if args.data == "synthetic":
         return ["-ds", "synthetic", "--synthetic-size", *map(str, args.synthetic_size)]
     if args.data != "folder":
         return ["-ds", args.data, "--data-dir", str(args.data_dir)]
-    root = extracted_tree(args.source, args.out_dir / "data")
+    root = grid.extracted_tree(args.source, work_dir / "data")
     per_class = {"train": args.train_per_class, "test": args.test_per_class}
     name = f"subset-{args.train_per_class or 'all'}-{args.test_per_class or 'all'}"
-    return ["-ds", "folder", "--data-dir", str(subset_tree(root, args.out_dir / name, per_class))]
+    return ["-ds", "folder", "--data-dir",
+            str(grid.subset_tree(root, work_dir / name, per_class))]
 
 
-def cell_argv(cell: Cell, args: argparse.Namespace, data: list[str]) -> list[str]:
+def cell_argv(cell: StudyCell, args: argparse.Namespace, data: list[str]) -> list[str]:
     """The Cifar/main.py flags of `cell` (without where the run goes)."""
     warm, milestones = recipe_shape(args.epochs)
-    device = ["--gpu", "-1"] if args.device == "cpu" else []
+    device = grid.device_flags(args)
     return ["-a", cell.model, "--weight", VARIANTS[cell.variant][1], *data,
             "--width", str(args.width), "-b", str(batch_size(args, cell.arch)),
             "-lr", str(args.lr), "--epochs", str(args.epochs), "--warm", str(warm),
@@ -97,10 +102,10 @@ def cell_argv(cell: Cell, args: argparse.Namespace, data: list[str]) -> list[str
             args.loader, "-j", str(args.workers), "--no-progress", *device, *args.engine_args]
 
 
-def run_cell(cell: Cell, args: argparse.Namespace, data: list[str]) -> str:
-    """Train `cell` to its end, or skip it when done; returns what happened."""
-    run_dir = args.out_dir / "runs" / cell.model / cell.run_name
-    return run_to_end(run_dir, cell_argv(cell, args, data), args.epochs, args.keep_checkpoints)
+def grid_cells(args: argparse.Namespace, data: list[str]) -> list[grid.Cell]:
+    """The study's cells as the engine runs them."""
+    return [grid.Cell(f"{c.model}/{c.run_name}", tuple(cell_argv(c, args, data)), args.epochs)
+            for c in study_cells(args)]
 
 
 def apply_paper_preset(args: argparse.Namespace) -> None:
@@ -137,12 +142,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--batch-resnet50", type=int, default=None, help="default: --batch")
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--loader", choices=("pil", "device"), default="device")
-    p.add_argument("-j", "--workers", type=int, default=2)
-    p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep every finished run's checkpoints (default: logs only)")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/table1"))
+    p.add_argument("-j", "--workers", type=int, default=0,
+                   help="data-loading processes per cell (each cell is its own process)")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/table1"),
+                   help="runs/ (the cells), the summary, and .work/ (claims, cell outputs, "
+                        "data; never committed)")
+    grid.add_study_args(p)
     p.add_argument("engine_args", nargs=argparse.REMAINDER,
                    help="after --: further Cifar/main.py flags for every cell")
     return p
@@ -150,29 +156,38 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every cell not done yet, then summarise the study; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
     args.engine_args = [a for a in args.engine_args if a != "--"]
     if args.paper:
         apply_paper_preset(args)
+
+    def make_cells(work: Path) -> list[grid.Cell]:
+        check_args(args)
+        return grid_cells(args, data_flags(args, work))
+
+    code = grid.run_from_args(args, argv, "experiments.table1", make_cells)
+    if code != 0 or args.print_commands:
+        return code
+    if args.cells is not None:
+        print(f"summarise the study with: python -m experiments.summarize {args.out_dir}/runs "
+              f"--out {args.out_dir}")
+        return 0
+    return summarize.main([str(args.out_dir / "runs"), "--out", str(args.out_dir)])
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """StudyError for flags argparse cannot check."""
     if args.data == "folder" and args.source is None:
-        print("error: --data folder needs --source (an ImageFolder tree or its .tar.gz)",
-              file=sys.stderr)
-        return 2
+        raise grid.StudyError("--data folder needs --source (an ImageFolder tree or its .tar.gz)")
     bad = [e for e in args.extra if e.count(":") != 1 or e.split(":")[1] not in VARIANTS]
     if bad:
-        print(f"error: --extra takes ARCH:VARIANT with VARIANT in {', '.join(VARIANTS)}, got "
-              f"{' '.join(bad)}", file=sys.stderr)
-        return 2
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "command.txt").write_text(
-        "python -m experiments.table1 " + shlex.join(sys.argv[1:] if argv is None else argv)
-        + "\n")
-    data = data_flags(args)
-    cells = study_cells(args)
-    for i, cell in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {cell.model} seed {cell.seed}", flush=True)
-        print(f"[{i}/{len(cells)}] {run_cell(cell, args, data)}", flush=True)
-    return summarize.main([str(args.out_dir / "runs"), "--out", str(args.out_dir)])
+        raise grid.StudyError(f"--extra takes ARCH:VARIANT with VARIANT in {', '.join(VARIANTS)}"
+                              f", got {' '.join(bad)}")
+    unknown = [a for a in [*args.archs, *(e.split(":")[0] for e in args.extra)]
+               if a not in models.list_models("cifar")]
+    if unknown:
+        raise grid.StudyError(f"unknown architecture(s) {' '.join(unknown)}")
 
 
 if __name__ == "__main__":

@@ -164,6 +164,9 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
                         help="mixed precision: bf16 autocast (plain --amp), or fp16 autocast "
                              "with a gradient scaler, the fast kind on V100/RTX 20xx-class GPUs; "
                              "the last BN stays in float32")
+    device.add_argument("--threads", type=positive_int, default=None, metavar="T",
+                        help="torch threads for this process's math (default: torch's, one per "
+                             "core); one per process when several runs share the cores")
     device.add_argument("--channels-last", action="store_true",
                         help="channels_last memory format for model and images")
     device.add_argument("--compile", action="store_true",

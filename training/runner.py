@@ -39,6 +39,8 @@ def main(args: argparse.Namespace, data: DataSource) -> int:
 def run(args: argparse.Namespace, data: DataSource) -> RunResult:
     """Train (or with `--evaluate` test a checkpoint) as the flags in `args` say."""
     check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.resume and Path(args.resume).is_dir():
         args.resume = str(Path(args.resume) / "last.pt")
     with deterministic_algorithms(args.deterministic):
