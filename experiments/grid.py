@@ -256,9 +256,11 @@ class Study:
     done: int = 0
 
     def run_dir(self, cell: Cell) -> Path:
+        """The cell's run folder."""
         return self.runs_dir / cell.name
 
     def output_file(self, cell: Cell) -> Path:
+        """Where the cell's process writes its output."""
         return self.work_dir / "logs" / (cell.name.replace("/", "--") + ".txt")
 
     def unfinished(self) -> list[Cell]:
@@ -272,44 +274,56 @@ class Study:
         128 + signal when stopped)."""
         todo = deque(self.unfinished())
         total = len(self.cells)
-        self.done = done = total - len(todo)
-        self.say(f"{done} of {total} cells done before; {len(todo)} to train, "
+        self.done = total - len(todo)
+        self.say(f"{self.done} of {total} cells done before; {len(todo)} to train, "
                  f"{self.packing.describe()}; outputs in {self.work_dir / 'logs'}")
         slots = self.packing.slots(os.environ.get("CUDA_VISIBLE_DEVICES"))
-        failed, skipped = [], []
-        self.bar = progress_bar(total, done)
+        failed: list[tuple[Cell, str]] = []
+        held: list[Cell] = []
+        self.bar = progress_bar(total, self.done)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while todo or self.running:
-                free = [i for i in range(len(slots)) if i not in
-                        {r.slot for r in self.running.values()}]
-                while todo and free and self.stop_signal is None and not failed:
-                    cell = todo.popleft()
-                    started = self._start(cell, free[0], slots[free[0]])
-                    if started == "running":
-                        free.pop(0)
-                    elif started == "held":
-                        skipped.append(cell)
-                        self.say(f"{cell.name}: held by another study; skipped")
-                    else:
-                        self.done = done = done + 1
-                        self.say(f"[{done}/{total}] {cell.name}: {started}")
+            while True:
+                if self.stop_signal is None and not failed:
+                    self._fill(todo, slots, held, total)
                 if not self.running:
                     break
                 for pid, ended in self._wait():
                     outcome = self._finish(self.running.pop(pid))
-                    if outcome in ("trained", "resumed", "diverged", "done before"):
-                        self.done = done = done + 1
+                    if outcome in ("trained", "resumed", "diverged"):
+                        self.done += 1
                     elif outcome != "stopped":
                         failed.append((ended.cell, outcome))
-                    self.say(f"[{done}/{total}] {ended.cell.name}: {outcome}"
-                             f" after {_duration(time.monotonic() - ended.started)}{self._eta(todo)}")
+                    took = _duration(time.monotonic() - ended.started)
+                    self.say(f"[{self.done}/{total}] {ended.cell.name}: {outcome} after {took}"
+                             f"{self._eta(todo)}")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
+        return self._exit_code(failed, held)
+
+    def _fill(self, todo: deque, slots: list[dict[str, str]], held: list[Cell],
+              total: int) -> None:
+        """Start cells from `todo` until every slot is busy or none is left."""
+        while todo:
+            free = [i for i in range(len(slots))
+                    if i not in {r.slot for r in self.running.values()}]
+            if not free:
+                return
+            cell = todo.popleft()
+            started = self._start(cell, free[0], slots[free[0]])
+            if started == "held":
+                held.append(cell)
+                self.say(f"{cell.name}: held by another study; skipped")
+            elif started != "running":
+                self.done += 1
+                self.say(f"[{self.done}/{total}] {cell.name}: {started}")
+
+    def _exit_code(self, failed: list[tuple[Cell, str]], held: list[Cell]) -> int:
+        """Say how the study ended; its exit code."""
         if self.stop_signal is not None:
             self.say(f"stopped by {signal.Signals(self.stop_signal).name}: cut cells resume "
                      "from their checkpoints when the same command runs again")
@@ -319,8 +333,8 @@ class Study:
                   "same command again to continue", file=sys.stderr)
         if failed:
             return 1
-        if skipped:
-            self.say(f"{len(skipped)} cell(s) held by another study were left to it: run the "
+        if held:
+            self.say(f"{len(held)} cell(s) held by another study were left to it: run the "
                      "same command again after it ends to check")
         return 0
 
@@ -365,8 +379,8 @@ class Study:
                                     stderr=subprocess.STDOUT, env={**os.environ, **env},
                                     preexec_fn=_die_with_parent)
         self.running[proc.pid] = Running(cell, proc, slot, claim, time.monotonic(), outcome)
-        self.say(f"{cell.name}: {'resuming' if outcome == 'resumed' else 'training'} "
-            f"(slot {slot + 1})")
+        doing = "resuming" if outcome == "resumed" else "training"
+        self.say(f"{cell.name}: {doing} (slot {slot + 1})")
         return "running"
 
     def _wait(self) -> list[tuple[int, Running]]:

@@ -1,4 +1,4 @@
-"""Learning-rate robustness and ablation of MimicNorm (the paper's learning-rate table), at any size.
+"""Learning-rate robustness and ablation of MimicNorm (the paper's learning-rate table).
 
 Trains, through the CIFAR entry point (`Cifar/main.py`, one engine run per cell, see
 `experiments.grid`), every variant at every learning rate and seed, and reports the best test top-1

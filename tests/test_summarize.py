@@ -69,13 +69,13 @@ def test_summary_means_stds_and_counts(runs_dir: Path) -> None:
     summary = summarize.summarize(runs).set_index(["arch", "variant"])
     bn, mimic = summary.loc[("resnet18", "BN")], summary.loc[("resnet18", "MimicNorm")]
     assert bn["n"] == 3 and bn["best_mean"] == 32 and bn["best_std"] == pytest.approx(2)
-    assert bn["final_mean"] == 31 and bn["final_std"] == pytest.approx(math.sqrt(3))
+    assert bn["last_mean"] == 31 and bn["last_std"] == pytest.approx(math.sqrt(3))
     assert mimic["best_mean"] == 37 and mimic["best_std"] == pytest.approx(1)
     assert summary.loc[("vgg11", "MimicNorm"), "best_std"] == pytest.approx(2)
     assert bn["peak_memory_mb"] == 120 and mimic["peak_memory_mb"] == 90
     assert bn["images_per_second"] == 1000
     nonorm = summary.loc[("resnet18", "NoNorm")]
-    assert nonorm["n"] == 1 and nonorm["best_mean"] == 15 and nonorm["final_mean"] == 12
+    assert nonorm["n"] == 1 and nonorm["best_mean"] == 15 and nonorm["last_mean"] == 12
     assert math.isnan(nonorm["best_std"])
     assert list(summary.index.get_level_values("variant")) == [
         "BN", "MimicNorm", "NoNorm", "BN", "MimicNorm"]
@@ -87,16 +87,17 @@ def test_table_shows_cells_differences_and_marks(runs_dir: Path, capsys) -> None
     table = (runs_dir / "table.md").read_text()
     rows = {arch: next(line for line in table.splitlines() if line.startswith(f"| {arch} |"))
             for arch in ("resnet18", "vgg11")}  # our table's rows, before the paper's
-    # resnet18: best 37 - 32 = 5, SE sqrt(1/3 + 4/3) = 1.29 (5 > 2.58: marked);
-    # final 37 - 31 = 6, SE sqrt(1/3 + 3/3) = 1.15 (marked)
-    assert rows["resnet18"] == ("| resnet18 | 32.00 ± 2.00 / 31.00 ± 1.73 (3) | "
-                                "37.00 ± 1.00 / 37.00 ± 1.00 (3) | 15.00 / 12.00 (1) | "
-                                "+5.00 ± 1.29 * | +6.00 ± 1.15 * | 0.750 | 1.100 |")
-    # vgg11: best and final 42 - 41 = 1, SE sqrt(4/3 + 1/3) = 1.29 (1 < 2.58: not marked)
+    # resnet18: last 37 - 31 = 6, SE sqrt(1/3 + 3/3) = 1.15 (marked);
+    # best 37 - 32 = 5, SE sqrt(1/3 + 4/3) = 1.29 (5 > 2.58: marked)
+    assert rows["resnet18"] == ("| resnet18 | 31.00 ± 1.73 / 32.00 ± 2.00 (3) | "
+                                "37.00 ± 1.00 / 37.00 ± 1.00 (3) | 12.00 / 15.00 (1) | "
+                                "+6.00 ± 1.15 * | +5.00 ± 1.29 * | 0.750 | 1.100 |")
+    # vgg11: last and best 42 - 41 = 1, SE sqrt(4/3 + 1/3) = 1.29 (1 < 2.58: not marked)
     assert rows["vgg11"] == ("| vgg11 | 41.00 ± 1.00 / 41.00 ± 1.00 (3) | "
                              "42.00 ± 2.00 / 42.00 ± 2.00 (3) | - | "
                              "+1.00 ± 1.29 | +1.00 ± 1.29 | 0.750 | 1.100 |")
-    assert "| arch | BN | MimicNorm | NoNorm | MimicNorm − BN best |" in table
+    assert "| arch | BN | MimicNorm | NoNorm | MimicNorm − BN last | MimicNorm − BN best |" in table
+    assert "The last epoch is the headline." in table
     assert "* marks a difference larger than 2 standard errors" in table
     assert "so the paper's column is left out" in table
     assert "| resnet18 | 74.72 ± 0.31 (4447 MB) | 74.96 ± 0.14 (4157 MB) | - |" in table
@@ -135,7 +136,7 @@ def test_summary_csv_has_one_row_per_arch_and_variant(runs_dir: Path, tmp_path, 
     assert run_main([str(runs_dir), "--out", str(out)], capsys)[0] == 0
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == [
-        "setting", "arch", "variant", "n", "best_mean", "best_std", "final_mean", "final_std",
+        "setting", "arch", "variant", "n", "last_mean", "last_std", "best_mean", "best_std",
         "peak_memory_mb", "images_per_second"]
     assert len(summary) == 5 and summary["n"].tolist() == [3, 3, 1, 3, 3]
     assert not (runs_dir / "summary.csv").exists()
