@@ -185,7 +185,9 @@ def test_packing_gives_each_cell_its_threads_and_its_own_gpu():
                                                         "MKL_NUM_THREADS": "1"}] * 2
     args = table1.get_args_parser().parse_args(["--gpus", "1", "2", "--per-gpu", "3"])
     assert grid.packing_of(args) == grid.Packing(6, 1, (1, 2), 3)
-    assert grid.device_flags(args) == ["--gpu", "0"]  # each cell sees only its own GPU
+    assert grid.device_flags(args) == ["--gpu", "0", "--channels-last"]  # its own GPU only
+    no_cl = table1.get_args_parser().parse_args(["--no-channels-last"])
+    assert grid.device_flags(no_cl) == ["--gpu", "-1"]
 
 
 def test_dispatch_lines_drop_selection_and_packing_flags():

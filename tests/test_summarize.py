@@ -194,7 +194,7 @@ def test_unfinished_run_is_listed_not_averaged(runs_dir: Path, capsys) -> None:
     assert code == 0 and err == ""
     table = (runs_dir / "table.md").read_text()
     assert "Unfinished runs (not in the means):\n\n- resnet18/s9: 2 of 3 epochs\n" in table
-    assert "| resnet18 | 32.00 ± 2.00 / 31.00 ± 1.73 (3) |" in table
+    assert "| resnet18 | 31.00 ± 1.73 / 32.00 ± 2.00 (3) |" in table
     runs = pd.read_parquet(runs_dir / "runs.parquet")
     unfinished = runs[runs["run"] == "resnet18/s9"]
     assert len(unfinished) == 2 and not unfinished["finished"].any()
