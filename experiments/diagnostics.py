@@ -134,7 +134,7 @@ def last_bn_dynamics(arch: str, lrs: list[float], batches: Callable[[int], Itera
         bn = last_bn_of(model)
         logits_std: list[float] = []
         handle = bn.register_forward_pre_hook(
-            lambda _m, inputs: logits_std.append(float(inputs[0].std(dim=0).mean())))
+            lambda _m, inputs: logits_std.append(float(inputs[0].detach().std(dim=0).mean())))
         optimizer = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9,
                                     weight_decay=5e-4)
         models.attach_weight_mean(optimizer, model)
@@ -180,9 +180,11 @@ def plot_decorrelation(table: pd.DataFrame, path: Path) -> None:
     for row, arch in zip(axes, archs):
         mine = table[table["arch"] == arch]
         for ax, (metric, label, scale) in zip(row, metrics):
-            for form in FORMS:
+            for form in FORMS:  # MimicNorm's body is WeightMean only's: dashed, on top
                 curve = mine[mine["form"] == form].groupby("depth")[metric].mean()
-                ax.plot(curve.index, curve.values, marker="o", markersize=2.5, label=form)
+                ax.plot(curve.index, curve.values, marker="o", markersize=2.5, label=form,
+                        linestyle="--" if form == "MimicNorm" else "-",
+                        zorder=3 if form == "MimicNorm" else 2)
             ax.set_yscale(scale)
             ax.set_title(f"{arch}: {label}", fontsize=9)
             ax.set_xlabel("layer (ReLU inputs, then logits)")
