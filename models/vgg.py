@@ -40,8 +40,9 @@ class VGG(nn.Module):
     """Conv stack, then Linear-ReLU-Dropout twice and the output Linear.
 
     On CIFAR (32x32) the stack ends at 1x1 and feeds 512 features to the classifier; on ImageNet an
-    adaptive 7x7 average pool feeds 512*7*7 (torchvision; `AvgPoolTo`, a no-op at 224 px). Convs keep their biases in every variant.
-    `width` scales every conv and hidden Linear width (512 and 4096 at width 1).
+    adaptive 7x7 average pool feeds 512*7*7 (torchvision; here `AvgPoolTo`: none at 224 px). Convs
+    keep their biases in every variant. `width` scales every conv and hidden Linear width (512 and
+    4096 at width 1).
     """
 
     def __init__(

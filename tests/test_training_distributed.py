@@ -88,7 +88,7 @@ def test_autocast_replica_keeps_the_runs_dtype_in_a_replica_thread():
 
 
 def test_wrap_model_puts_autocast_inside_dataparallel_only_with_amp():
-    rt = Runtime(torch.device("cpu"), device_ids=[0, 1])  # DataParallel without CUDA: a pass-through
+    rt = Runtime(torch.device("cpu"), device_ids=[0, 1])  # without CUDA DataParallel passes through
     net = nn.Linear(2, 2)
     wrapped = wrap_model(net, rt, torch.bfloat16)
     assert isinstance(wrapped, nn.DataParallel) and isinstance(wrapped.module, AutocastReplica)
