@@ -10,15 +10,17 @@ import argparse
 import io
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import lmdb
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from ImageNet.lmdb_format import load_index, record_key, shared_env
+
+if TYPE_CHECKING:
+    import lmdb
 from training.cli import positive_int
 from training.errors import UNKNOWN_IMAGE_FORMAT, DataError
 

@@ -25,15 +25,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python ImageNet/folder2lmdb.py`: import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lmdb
 import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from tqdm import tqdm
 
 from ImageNet.lmdb_format import (
     LABEL_DTYPE,
     LABELS_KEY,
+    LMDB_ERRORS,
     MAX_RECORDS,
     META_KEY,
     PROGRESS_KEY,
@@ -43,9 +42,12 @@ from ImageNet.lmdb_format import (
     encode_index,
     load_index,
     read_index,
+    lmdb,
     record_key,
+    require_lmdb,
 )
 from training.cli import positive_int
+from training.engine import progress_bar
 
 INITIAL_MAP_SIZE = 1 << 30  # doubled whenever it fills up
 
@@ -148,6 +150,7 @@ def _check_existing(dst: Path, index: Index) -> Index:
 
 
 def _open_for_writing(path: Path) -> lmdb.Environment:
+    require_lmdb()
     try:
         env = lmdb.open(
             str(path), subdir=False, map_size=INITIAL_MAP_SIZE, readahead=False, meminit=False
@@ -191,16 +194,17 @@ def _write_records(
 ) -> None:
     """Copy ``paths[start:]`` in batches; each batch commits together with the new resume point."""
     pool = ThreadPoolExecutor(workers)
+    bar = progress_bar(progress, total=len(paths), initial=start, unit="img")
     try:
-        with tqdm(total=len(paths), initial=start, unit="img", disable=not progress) as bar:
-            for first in range(start, len(paths), commit_every):
-                blobs = list(pool.map(read_image_file, paths[first : first + commit_every]))
-                items = {record_key(first + k): blob for k, blob in enumerate(blobs)}
-                done = {"source_sha256": index.source_sha256, "done": first + len(blobs)}
-                items[PROGRESS_KEY] = json.dumps(done).encode()
-                _commit(env, items)
-                bar.update(len(blobs))
+        for first in range(start, len(paths), commit_every):
+            blobs = list(pool.map(read_image_file, paths[first : first + commit_every]))
+            items = {record_key(first + k): blob for k, blob in enumerate(blobs)}
+            done = {"source_sha256": index.source_sha256, "done": first + len(blobs)}
+            items[PROGRESS_KEY] = json.dumps(done).encode()
+            _commit(env, items)
+            bar.update(len(blobs))
     finally:
+        bar.close()
         pool.shutdown(cancel_futures=True)
 
 
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except (ConversionError, LMDBFormatError, OSError, lmdb.Error) as exc:
+    except (ConversionError, LMDBFormatError, OSError, *LMDB_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     note = " (already complete, nothing to do)" if existed else ""

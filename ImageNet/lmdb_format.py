@@ -25,8 +25,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import lmdb
 import numpy as np
+
+try:
+    import lmdb
+except ModuleNotFoundError:  # only reading or writing a database needs it: `require_lmdb`
+    lmdb = None
 
 FORMAT = "mimicnorm-lmdb"
 VERSION = 1
@@ -39,6 +43,17 @@ LABEL_DTYPE = np.dtype("<i4")
 
 class LMDBFormatError(ValueError):
     """A database that is unreadable, incomplete or not in this format."""
+
+
+# py-lmdb's own errors, for `except` clauses (none without the package: nothing can raise them)
+LMDB_ERRORS: tuple[type[Exception], ...] = (lmdb.Error,) if lmdb is not None else ()
+
+
+def require_lmdb() -> None:
+    """Raise LMDBFormatError (one line) when the lmdb package is not installed."""
+    if lmdb is None:
+        raise LMDBFormatError("the lmdb package is not installed (pip install lmdb); only LMDB "
+                              "datasets and folder2lmdb.py need it")
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,7 @@ def read_index(txn: lmdb.Transaction, path: Path) -> Index:
 
 def open_readonly(path: Path) -> lmdb.Environment:
     """A new read-only handle without locks or read-ahead; most callers want `shared_env`."""
+    require_lmdb()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such LMDB database")

@@ -62,12 +62,12 @@ class ConvPlan:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracer that keeps MimicNorm's own layers as leaves."""
+    """torch.fx tracer that keeps MimicNorm's own layers as leaves, and adaptive pools (VGG's
+    `AvgPoolTo` looks at its input's size)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (ScaledConv2d, LastBN)) or super().is_leaf_module(
-            m, module_qualified_name
-        )
+        leaves = (ScaledConv2d, LastBN, nn.AdaptiveAvgPool2d)
+        return isinstance(m, leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
 def convert(

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 # He et al.'s variance numerator for ReLU networks: N(0, 2 / fan).
 HE_NUMERATOR = 2.0
@@ -57,3 +60,24 @@ def plain_init_(model: nn.Module) -> None:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+class AvgPoolTo(nn.AdaptiveAvgPool2d):
+    """`nn.AdaptiveAvgPool2d(size)` computed without the adaptive kernel where it need not be:
+    nothing when the input already has that size, a plain average pool where the size divides
+    it. The adaptive pool's CUDA backward has no deterministic kernel (`--deterministic` would
+    stop at the first backward); the plain pool's has. Same outputs, no parameters or state."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = _pair(self.output_size)
+        height, width = x.shape[-2:]
+        # None keeps that side's size; a TorchScript trace must not fix the input size: the
+        # adaptive kernel serves both.
+        if None in size or torch.jit.is_tracing():
+            return super().forward(x)
+        if (height, width) == size:
+            return x
+        if height % size[0] == 0 and width % size[1] == 0:
+            kernel = (height // size[0], width // size[1])
+            return F.avg_pool2d(x, kernel, kernel)
+        return super().forward(x)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._registry import register_model
-from .layers import HE_NUMERATOR, fan_in_init_, normal_, scaled_channels
+from .layers import HE_NUMERATOR, AvgPoolTo, fan_in_init_, normal_, scaled_channels
 from .variants import Variant
 
 # Conv channels, "M" a 2x2 max-pool (Simonyan & Zisserman's configurations A, B and D).
@@ -40,8 +40,9 @@ class VGG(nn.Module):
     """Conv stack, then Linear-ReLU-Dropout twice and the output Linear.
 
     On CIFAR (32x32) the stack ends at 1x1 and feeds 512 features to the classifier; on ImageNet an
-    adaptive 7x7 average pool feeds 512*7*7 (torchvision). Convs keep their biases in every variant.
-    `width` scales every conv and hidden Linear width (512 and 4096 at width 1).
+    adaptive 7x7 average pool feeds 512*7*7 (torchvision; here `AvgPoolTo`: none at 224 px). Convs
+    keep their biases in every variant. `width` scales every conv and hidden Linear width (512 and
+    4096 at width 1).
     """
 
     def __init__(
@@ -57,7 +58,7 @@ class VGG(nn.Module):
             raise ValueError(f"unknown model family {family!r}; expected cifar or imagenet")
         self.features = _features(config, variant, width)
         imagenet = family == "imagenet"
-        self.pool = nn.AdaptiveAvgPool2d(IMAGENET_POOL) if imagenet else nn.Identity()
+        self.pool = AvgPoolTo(IMAGENET_POOL) if imagenet else nn.Identity()
         features = scaled_channels(_out_channels(config), width)
         features *= IMAGENET_POOL**2 if imagenet else 1
         hidden = scaled_channels(HIDDEN, width)

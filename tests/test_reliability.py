@@ -25,6 +25,7 @@ from tests.helpers import (CLASSES, assert_same_training_state, log_without_timi
                            make_image_folder, stderr_lines)
 from training.checkpoint import load_checkpoint
 from training.engine import loader_batches
+from training.rng import CUBLAS_WORKSPACE, deterministic_algorithms
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECT = {"arch": "squeezenet_cbn", "num_classes": 100, "dataset": "synthetic"}
@@ -389,6 +390,19 @@ def test_deterministic_runs_repeat_with_workers_and_restore_the_settings(tmp_pat
                                "--run-name", name), CifarData()) for name in ("one", "two")]
     assert_same_training_state(runs[0].run_dir / "last.pt", runs[1].run_dir / "last.pt")
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.mark.parametrize("cuda_started", [False, True], ids=["fresh", "cuda-started"])
+def test_deterministic_sets_the_cublas_workspace_once_and_says_when_too_late(
+        monkeypatch, capsys, cuda_started):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA starts: set later, it has no effect."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda_started)
+    with deterministic_algorithms(True):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE  # for later runs too
+    note = capsys.readouterr().err
+    assert ("CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment" in note) == cuda_started
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only():

@@ -67,27 +67,45 @@ class CropFlipRotate:
         return {"top": offsets[:, 0], "left": offsets[:, 1], "flip": u[:, 2] < 0.5,
                 "angle": (2 * u[:, 3] - 1) * self.degrees}
 
-    def source_pixels(self, params: dict[str, torch.Tensor], device: torch.device
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each sample and output pixel (row-major), the flat index of its source pixel in
-        the un-augmented image and whether it has one (False: zero fill)."""
+    def packed(self, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """One float64 CPU tensor (6, len(index)) of what the device needs per sample: index,
+        crop top and left, flip, and the cosine and sine of the rotation, taken on the CPU so
+        that every device gets the same bits (integers below 2**53 are exact in float64)."""
+        params = self.parameters(seed, epoch, index)
+        radians = params["angle"] * (-math.pi / 180)
+        return torch.stack([index.double(), params["top"].double(), params["left"].double(),
+                            params["flip"].double(), radians.cos(), radians.sin()])
+
+    def source_pixels(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each sample of `packed` (what `packed` returned, on the images' device) and output
+        pixel (row-major), the flat index of its source pixel in the un-augmented
+        image and whether it has one (False: zero fill)."""
         s = self.size
+        top, left = packed[1].long()[:, None], packed[2].long()[:, None]
+        flip = packed[3].bool()[:, None]
+        cos, sin = packed[4][:, None], packed[5][:, None]
         # Rotation: the output pixel centre relative to the image centre, rotated back (the
         # matrix of torchvision's tensor rotate), rounded half to even as grid_sample's nearest
-        # does. cos/sin are taken on the CPU so every device gets the same bits.
-        radians = params["angle"] * (-math.pi / 180)
-        cos, sin = radians.cos().to(device)[:, None], radians.sin().to(device)[:, None]
-        centred = torch.arange(s, dtype=torch.float64, device=device) - (s - 1) / 2
+        # does.
+        centred = torch.arange(s, dtype=torch.float64, device=packed.device) - (s - 1) / 2
         y, x = centred.repeat_interleave(s), centred.repeat(s)
         col = torch.round(cos * x + sin * y + (s - 1) / 2).long()
         row = torch.round(-sin * x + cos * y + (s - 1) / 2).long()
         valid = (col >= 0) & (col < s) & (row >= 0) & (row < s)
         # Flip, then crop from the zero-padded image.
-        col = torch.where(params["flip"].to(device)[:, None], s - 1 - col, col)
-        row = row + params["top"].to(device)[:, None] - self.padding
-        col = col + params["left"].to(device)[:, None] - self.padding
+        col = torch.where(flip, s - 1 - col, col)
+        row = row + top - self.padding
+        col = col + left - self.padding
         valid &= (col >= 0) & (col < s) & (row >= 0) & (row < s)
         return (row * s + col).clamp(0, s * s - 1), valid
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` (a CPU tensor) on `device` without making the host wait: pinned and copied
+    `non_blocking` on CUDA (a pageable or blocking copy would synchronise with the GPU)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 class TensorImages(Dataset):
@@ -101,6 +119,7 @@ class TensorImages(Dataset):
         self.images, self.labels, self.classes = images, labels.long(), list(classes)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.divisor = torch.full((1,), 255.0)  # moves with the images: see `normalize`
         self.augment = augment
 
     def __len__(self) -> int:
@@ -113,28 +132,35 @@ class TensorImages(Dataset):
     def to(self, device: torch.device) -> "TensorImages":
         """The same split with its tensors on `device` (not copied if already there)."""
         moved = copy.copy(self)
-        for name in ("images", "labels", "mean", "std"):
+        for name in ("images", "labels", "mean", "std", "divisor"):
             setattr(moved, name, getattr(self, name).to(device))
         return moved
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """float32 (images - mean) / std, uint8 images first divided by 255: the operations of
-        torchvision's ToTensor and Normalize, so the results are the same bits."""
-        scaled = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        torchvision's ToTensor and Normalize, so the results are the same bits on the CPU.
+
+        255 is a tensor on the images' device: CUDA divides by a Python or CPU scalar as a
+        multiplication by its reciprocal (one bit off for about half the uint8 values), by a
+        device tensor exactly, as the CPU does."""
+        scaled = images.float() / self.divisor if images.dtype == torch.uint8 else images.float()
         return (scaled - self.mean) / self.std
 
     def batch(self, index: torch.Tensor, seed: int | None = None, epoch: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and labels of `index` (a CPU tensor); augmented when the split has
-        an `augment` and a `seed` is given."""
-        on_device = index.to(self.images.device)
+        an `augment` and a `seed` is given. One non-blocking copy to the device per batch."""
+        device = self.images.device
+        if self.augment is None or seed is None:
+            on_device = to_device(index, device)
+            return self.normalize(self.images[on_device]), self.labels[on_device]
+        packed = to_device(self.augment.packed(seed, epoch, index), device)
+        on_device = packed[0].long()
         images = self.images[on_device]
-        if self.augment is not None and seed is not None:
-            params = self.augment.parameters(seed, epoch, index)
-            source, valid = self.augment.source_pixels(params, images.device)
-            n, c, h, w = images.shape
-            picked = images.reshape(n, c, h * w).gather(2, source[:, None, :].expand(n, c, h * w))
-            images = (picked * valid[:, None, :].to(picked.dtype)).reshape(n, c, h, w)
+        source, valid = self.augment.source_pixels(packed)
+        n, c, h, w = images.shape
+        picked = images.reshape(n, c, h * w).gather(2, source[:, None, :].expand(n, c, h * w))
+        images = (picked * valid[:, None, :].to(picked.dtype)).reshape(n, c, h, w)
         return self.normalize(images), self.labels[on_device]
 
 

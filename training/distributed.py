@@ -62,8 +62,11 @@ def setup_runtime(gpu: list[int] | None) -> Runtime:
                              f"{len(ids)} selected ({ids}); lower --nproc_per_node")
         ids = [ids[local_rank]]
         torch.cuda.set_device(ids[0])
-    dist.init_process_group(backend="nccl" if ids else "gloo")
     device = torch.device("cuda", ids[0]) if ids else torch.device("cpu")
+    if ids:  # device_id binds the NCCL communicator to this process's GPU (else NCCL guesses)
+        dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        dist.init_process_group(backend="gloo")
     return Runtime(device, ids, rank, world_size, distributed=True)
 
 
@@ -73,12 +76,29 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(net: nn.Module, rt: Runtime) -> nn.Module:
-    """DistributedDataParallel under torchrun, DataParallel over several GPUs, else `net` itself."""
+class AutocastReplica(nn.Module):
+    """`net` under autocast with a fixed dtype, for DataParallel: its replica threads re-enter
+    autocast without a dtype, and the autocast dtype is thread-local (CUDA's default: float16),
+    so `--amp bf16` would otherwise run the replicas in float16. No state_dict keys of its own
+    beyond `net.`; the trainer saves the unwrapped network anyway."""
+
+    def __init__(self, net: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.net, self.device_type, self.dtype = net, device_type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.net(*args, **kwargs)
+
+
+def wrap_model(net: nn.Module, rt: Runtime, amp_dtype: torch.dtype | None = None) -> nn.Module:
+    """DistributedDataParallel under torchrun, DataParallel over several GPUs (each replica under
+    autocast with `amp_dtype`, if any: `AutocastReplica`), else `net` itself."""
     if rt.distributed:
         return nn.parallel.DistributedDataParallel(net, device_ids=rt.device_ids or None)
     if len(rt.device_ids) > 1:
-        return nn.DataParallel(net, device_ids=rt.device_ids)
+        replica = net if amp_dtype is None else AutocastReplica(net, rt.device.type, amp_dtype)
+        return nn.DataParallel(replica, device_ids=rt.device_ids)
     return net
 
 
@@ -98,20 +118,22 @@ class SyncedBatchNorm1d(nn.BatchNorm1d):
         sums = dist_nn.all_reduce(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]))
         count, mean = sums[-1], sums[:-1] / sums[-1]
         var = dist_nn.all_reduce(((x - mean) ** 2).sum(0)) / count
-        if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), count.item())
+        if self.track_running_stats:  # count stays a device tensor: .item() would sync
+            self._update_running_stats(mean.detach(), var.detach(), count.detach())
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return y * self.weight + self.bias if self.affine else y
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor
+                              ) -> None:
+        """BatchNorm's running-statistics update, in tensor ops only (no host-device sync)."""
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average, as in BatchNorm
-            factor = 1.0 / self.num_batches_tracked.item()
+            factor: torch.Tensor | float = 1.0 / self.num_batches_tracked.to(mean.dtype)
         else:
             factor = self.momentum
         self.running_mean.lerp_(mean, factor)
-        self.running_var.lerp_(var * count / max(count - 1, 1), factor)
+        self.running_var.lerp_(var * count / (count - 1).clamp(min=1), factor)
 
 
 def sync_last_bn_(net: nn.Module) -> nn.Module:

@@ -4,16 +4,15 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .distributed import all_reduce_sum
 
@@ -30,10 +29,36 @@ def correct_topk(output: torch.Tensor, target: torch.Tensor, ks: Iterable[int]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: torch.device, amp: str | None) -> torch.autocast:
-    """Mixed precision for `--amp bf16|fp16` (None: off)."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16),
-                          enabled=amp is not None)
+def autocast(device: torch.device, amp: str | None) -> ContextManager[object]:
+    """Mixed precision for `--amp bf16|fp16` (None: no autocast context at all)."""
+    if amp is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+class _NoBar:
+    """What the loops call on a progress bar, doing nothing (progress off, or no tqdm)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, **kwargs: Any) -> Any:
+    """A tqdm bar (`kwargs` are tqdm's) when `enabled` and tqdm is installed, else a `_NoBar`:
+    training needs no tqdm (the GPU machine's image has none)."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ModuleNotFoundError:
+            return _NoBar()
+        return tqdm(leave=False, dynamic_ncols=True, **kwargs)
+    return _NoBar()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -121,8 +146,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
     model.train()
     if state.totals is None:
         state.totals = torch.zeros(3, dtype=torch.float64, device=device)
-    bar = tqdm(total=state.steps, initial=state.step, desc=desc, disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = progress_bar(progress, total=state.steps, initial=state.step, desc=desc)
     start = time.perf_counter() - state.seconds
     lr = optimizer.param_groups[0]["lr"]
     with loader_batches(loader) as batches:
@@ -146,8 +170,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
                 scheduler.step()
             n = target.shape[0]
             correct = correct_topk(output, target, [1])[0]
+            # new_full fills on the device; new_tensor(n) would be a blocking host-to-device copy
             state.totals += torch.stack([loss.detach().double() * n, correct.double(),
-                                         state.totals.new_tensor(n)])
+                                         state.totals.new_full((), n)])
             state.step += 1
             state.seconds = time.perf_counter() - start
             bar.update()
@@ -175,10 +200,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, top-1, top-5, n
     batches_total = min(len(loader), max_batches or len(loader))
+    bar = progress_bar(progress, total=batches_total, desc=desc)
     with loader_batches(loader) as batches:
-        for images, target in tqdm(itertools.islice(batches, batches_total), total=batches_total,
-                                   desc=desc, disable=not progress, leave=False,
-                                   dynamic_ncols=True):
+        for images, target in itertools.islice(batches, batches_total):
             images, target = _batch_to(images, target, device, channels_last)
             with autocast(device, amp):
                 output = model(images)
@@ -186,9 +210,11 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
             n = target.shape[0]
             top1, top5 = correct_topk(output, target, [1, 5])
             totals += torch.stack([loss.double() * n, top1.double(), top5.double(),
-                                   totals.new_tensor(n)])
+                                   totals.new_full((), n)])
+            bar.update()
             if check_stop is not None:
                 check_stop()
+    bar.close()
     loss_sum, top1, top5, count = all_reduce_sum(totals).tolist()
     count = max(count, 1)
     return {"loss": loss_sum / count, "acc1": 100 * top1 / count, "acc5": 100 * top5 / count}

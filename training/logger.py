@@ -59,7 +59,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max_memory_allocated since the last reset; CPU: the process's peak RSS (MiB)."""
+    """CUDA: max_memory_allocated since the last reset (everything the process holds on the GPU,
+    a `--loader device` dataset included); CPU: the process's peak RSS (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -39,18 +40,31 @@ def restore_rng_state(state: dict[str, Any], cuda_devices: Sequence[int] = ()) -
             torch.cuda.set_rng_state(s, d)
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # a workspace size with which cuBLAS is deterministic
+
+
 @contextmanager
 def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     """Within the block, only deterministic kernels (cuDNN without autotuning, a fixed cuBLAS
     workspace): a GPU run then repeats bit for bit, somewhat slower. Restores the previous
-    settings on exit; does nothing when not `enabled`."""
+    settings on exit; does nothing when not `enabled`.
+
+    `CUBLAS_WORKSPACE_CONFIG` is set if unset and left set: cuBLAS reads it once, when CUDA first
+    uses it in the process. Set here after CUDA started (a second run in one process after a GPU
+    run without it) it has no effect, which a note on stderr says."""
     if not enabled:
         yield
         return
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+        if torch.cuda.is_initialized():
+            print("note: CUDA had started in this process before --deterministic set "
+                  "CUBLAS_WORKSPACE_CONFIG, so cuBLAS may not be deterministic; set "
+                  f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} in the environment",
+                  file=sys.stderr)
     cudnn = torch.backends.cudnn
     previous = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
-                cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+                cudnn.benchmark)
     torch.use_deterministic_algorithms(True)
     cudnn.deterministic, cudnn.benchmark = True, False
     try:
@@ -58,5 +72,3 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0])
         cudnn.deterministic, cudnn.benchmark = previous[1], previous[2]
-        if previous[3] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -14,7 +14,7 @@ from .checkpoint import load_checkpoint
 from .cli import Recipe, check_args, default_lr
 from .data import DataSource, build_loaders
 from .distributed import Runtime, cleanup, setup_runtime, wrap_model
-from .engine import evaluate, shutdown_workers
+from .engine import AMP_DTYPES, evaluate, shutdown_workers
 from .errors import RunError, UsageError
 from .rng import deterministic_algorithms
 from .trainer import (RunResult, Trainer, build_net, evaluated_images, expected_header,
@@ -74,7 +74,8 @@ def evaluate_checkpoint(args: argparse.Namespace, data: DataSource, rt: Runtime)
     ckpt = load_checkpoint(args.resume, expected_header(args, data, classes))
     net = build_net(args, data, rt, len(classes))
     net.load_state_dict(ckpt.model)
-    model = net if rt.distributed else wrap_model(net, rt)  # DDP adds nothing to evaluation
+    # DDP adds nothing to evaluation
+    model = net if rt.distributed else wrap_model(net, rt, AMP_DTYPES.get(args.amp))
     _, test_loader = build_loaders(None, test_set, args, rt)
     try:
         stats = evaluate(torch.compile(model) if args.compile else model, nn.CrossEntropyLoss(),

@@ -23,7 +23,7 @@ from .cli import args_to_dict
 from .data import DataSource, build_loaders, class_difference
 from .distributed import (Runtime, all_reduce_sum, broadcast_buffers, gather_objects,
                           main_process_first, sync_last_bn_, wrap_model)
-from .engine import EpochState, evaluate, shutdown_workers, train_one_epoch
+from .engine import AMP_DTYPES, EpochState, evaluate, shutdown_workers, train_one_epoch
 from .errors import RunError, RunInterrupted, TrainingDiverged, UsageError
 from .guard import StepGuard, StopSignals
 from .logger import CsvLog, format_row, peak_memory_mb, reset_peak_memory
@@ -199,7 +199,7 @@ class Trainer:
         again with the log row, then log."""
         args, rt, net = self.args, self.rt, self.net
         state = self.resume()
-        train_model = wrap_model(net, rt)
+        train_model = wrap_model(net, rt, AMP_DTYPES.get(args.amp))
         eval_model = net if rt.distributed else train_model  # DDP's forward would sync buffers
         if args.compile:
             train_model = torch.compile(train_model)
