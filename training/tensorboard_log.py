@@ -49,9 +49,9 @@ class TensorBoardLog:
     """
 
     def __init__(self, run_dir: Path, net: nn.Module, start_step: int, log_every: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # only with --tensorboard: slow import
 
-        self.writer: SummaryWriter = SummaryWriter(Path(run_dir) / SUBDIR,
+        self.writer: SummaryWriter = SummaryWriter(str(Path(run_dir) / SUBDIR),
                                                    purge_step=start_step + 1)
         self.last_bn = last_bn_of(net)
         self.log_every = log_every
