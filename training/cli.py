@@ -155,6 +155,13 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
                           "evaluation (smoke runs)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bars (they are also off when stderr is not a terminal)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write live curves for TensorBoard to RUN/tensorboard/ (rank 0): "
+                          "loss and lr every --log-every steps, each epoch's log.csv row, the "
+                          "last BN's running statistics; x is the global optimizer step")
+    run.add_argument("--log-every", type=positive_int, default=50, metavar="N",
+                     help="with --tensorboard, record the training loss and lr every N optimizer "
+                          "steps")
 
     device = p.add_argument_group("device")
     device.add_argument("--gpu", nargs="+", type=int, default=None, metavar="ID",

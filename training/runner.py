@@ -17,6 +17,7 @@ from .distributed import Runtime, cleanup, setup_runtime, wrap_model
 from .engine import AMP_DTYPES, evaluate, shutdown_workers
 from .errors import RunError, UsageError
 from .rng import deterministic_algorithms
+from .tensorboard_log import require_tensorboard
 from .trainer import (RunResult, Trainer, build_net, evaluated_images, expected_header,
                       load_split, say, show_progress)
 
@@ -39,6 +40,8 @@ def main(args: argparse.Namespace, data: DataSource) -> int:
 def run(args: argparse.Namespace, data: DataSource) -> RunResult:
     """Train (or with `--evaluate` test a checkpoint) as the flags in `args` say."""
     check_args(args)
+    if args.tensorboard:
+        require_tensorboard()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.resume and Path(args.resume).is_dir():

@@ -7,10 +7,10 @@ import json
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -23,13 +23,15 @@ from .cli import args_to_dict
 from .data import DataSource, build_loaders, class_difference
 from .distributed import (Runtime, all_reduce_sum, broadcast_buffers, gather_objects,
                           main_process_first, sync_last_bn_, wrap_model)
-from .engine import AMP_DTYPES, EpochState, evaluate, shutdown_workers, train_one_epoch
+from .engine import (AMP_DTYPES, AfterStep, EpochState, evaluate, shutdown_workers,
+                     train_one_epoch)
 from .errors import RunError, RunInterrupted, TrainingDiverged, UsageError
 from .guard import StepGuard, StopSignals
 from .logger import CsvLog, format_row, peak_memory_mb, reset_peak_memory
 from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .rundir import RunDirLock, run_dir_for
 from .schedule import WarmupMultiStepLR
+from .tensorboard_log import TensorBoardLog
 
 # Flags whose new values a resumed run cannot honour: the checkpoint's optimizer and schedule win.
 RECIPE_FLAGS = ("batch_size", "lr", "weight_decay", "momentum", "warm", "milestones", "gamma",
@@ -79,6 +81,7 @@ class Trainer:
             models.attach_weight_mean(self.optimizer, self.net, self.rule)
         self.best_acc1: float | None = None
         self.saver: CheckpointSaver | None = None  # rank 0's, once it holds the run folder
+        self.board: TensorBoardLog | None = None  # rank 0's with --tensorboard, during `fit`
         self.last_saved: str | None = None  # what a failure message points the user to
         self.pending_eval: dict[str, float] | None = None  # the resumed epoch awaits evaluation
 
@@ -144,6 +147,8 @@ class Trainer:
         rng = gather_objects(capture_rng_state(self.rt.device_ids))
         if not self.rt.is_main:
             return
+        if self.board is not None:  # the curves on disk reach at least as far as the checkpoint
+            self.board.flush()
         args = self.args
         checkpoint = TrainingState(
             **expected_header(args, self.data, self.classes), dataset=args.dataset,
@@ -207,7 +212,8 @@ class Trainer:
         log = self._start_outputs() if rt.is_main else None
         criterion = nn.CrossEntropyLoss()
         row: dict[str, float] = {}
-        with StopSignals() as signals:  # before the start line: from then on a stop saves
+        # Stop signals are caught before the start line: from then on a stop saves.
+        with StopSignals() as signals, self._tensorboard():
             self._say_start()
             guard = StepGuard(signals, self.save, self.divergence_hint,
                               check_every=1 if rt.device.type == "cpu" else CUDA_CHECK_EVERY,
@@ -233,6 +239,8 @@ class Trainer:
                        "peak_memory_mb": peak_memory_mb(rt.device)}
                 is_best = self.best_acc1 is None or test["acc1"] > self.best_acc1
                 self.best_acc1 = test["acc1"] if is_best else self.best_acc1
+                if self.board is not None:  # before the save that completes the epoch
+                    self.board.epoch(self.scheduler.last_epoch, row)
                 self.save(state, is_best, row=row)
                 if log is not None:
                     _write_row(log, row)
@@ -250,7 +258,8 @@ class Trainer:
         args, rt = self.args, self.rt
         self.train_loader.sampler.set_epoch(state.epoch, skip=state.step)
         train = train_one_epoch(model, criterion, self.optimizer, self.scheduler,
-                                self.train_loader, rt.device, state, after_step=guard,
+                                self.train_loader, rt.device, state,
+                                after_step=self._after_step(guard),
                                 amp=args.amp, scaler=self.scaler,
                                 channels_last=args.channels_last,
                                 progress=show_progress(args, rt),
@@ -264,6 +273,32 @@ class Trainer:
             raise self._interrupted(signals, f"after the training of epoch {state.epoch + 1} "
                                              "(its evaluation runs when resumed)")
         return train
+
+    @contextmanager
+    def _tensorboard(self) -> Iterator[None]:
+        """With --tensorboard, rank 0's `self.board` for the block, continuing at the current
+        global step; closed (so flushed) however the block ends."""
+        if not (self.args.tensorboard and self.rt.is_main):
+            yield
+            return
+        self.board = TensorBoardLog(self.run_dir, self.net, self.scheduler.last_epoch,
+                                    self.args.log_every)
+        try:
+            yield
+        finally:
+            self.board.close()
+            self.board = None
+
+    def _after_step(self, guard: StepGuard) -> AfterStep:
+        """The engine's `after_step`: `guard`, after recording the step in `self.board`."""
+        board, scheduler = self.board, self.scheduler
+        if board is None:
+            return guard
+
+        def after_step(state: EpochState, loss: torch.Tensor, lr: float) -> bool:
+            board.step(scheduler.last_epoch, loss, lr)  # the steps done, this one included
+            return guard(state, loss, lr)
+        return after_step
 
     def _stop_check(self, signals: StopSignals, epoch: int) -> Callable[[], None]:
         """The evaluation's `check_stop`: a stop signal abandons it (the trained epoch is saved)."""
