@@ -54,7 +54,7 @@ def test_missing_data_is_one_line(tmp_path: Path, capsys) -> None:
     (["-b", "64"], 1, [0, 1], 0.025),  # DataParallel splits one batch of 64
     (["-b", "512"], 1, [], 0.2),
     (["-b", "32", "-lr", "0.2"], 2, [], 0.2),  # an explicit -lr always wins
-    (["-b", "32", "--l", "0.2"], 2, [], 0.2),  # argparse's abbreviation too
+    (["-b", "32", "--lr", "0.2"], 2, [], 0.2),  # the long spelling too
 ])
 def test_lr_follows_the_global_batch_unless_given(argv: list[str], processes: int,
                                                   device_ids: list[int], lr: float) -> None:
