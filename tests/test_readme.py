@@ -240,3 +240,13 @@ def test_ci_runs_the_readmes_test_command():
     assert command, "the README's quick start lost its test command"
     ci_lines = (REPO / ".ci/run").read_text().splitlines()
     assert command.group(1) in ci_lines
+
+
+def test_quoted_table1_is_the_committed_summary():
+    """The Table 1 rows quoted on the pages are those the summarizer wrote to table.md."""
+    committed = set((REPO / "results/table1/table.md").read_text().splitlines())
+    for page in (REPO / "docs/reproduction.md", REPO / "results/table1/README.md"):
+        text = page.read_text()
+        start = text.index("| arch | BN | MimicNorm | NoNorm |")
+        rows = text[start:].split("\n\n", 1)[0].splitlines()
+        assert len(rows) == 8 and set(rows) <= committed, page
