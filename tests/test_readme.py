@@ -250,3 +250,11 @@ def test_quoted_table1_is_the_committed_summary():
         start = text.index("| arch | BN | MimicNorm | NoNorm |")
         rows = text[start:].split("\n\n", 1)[0].splitlines()
         assert len(rows) == 8 and set(rows) <= committed, page
+
+
+def test_readme_is_short_and_opens_with_the_result_and_the_map():
+    lines = TEXT["README.md"].splitlines()
+    assert len(lines) <= 200
+    first_screen = "\n".join(lines[:25])
+    assert "](results/figure.png)" in first_screen and "](docs/training.md)" in first_screen
+    assert (REPO / "results/figure.png").is_file()
