@@ -3,8 +3,8 @@
     python scripts/model_table.py > table.md          # both model families
     python scripts/model_table.py --family cifar
 
-CIFAR models are built with 100 classes, ImageNet models with 1000. The table in README.md is this
-script's output.
+CIFAR models are built with 100 classes, ImageNet models with 1000. The model table in
+docs/training.md is this script's output.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def test_missing_data_is_one_line(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("argv, processes, device_ids, lr", [
     (["-b", "32"], 2, [], 0.025),  # torchrun: the global batch is 2 x 32
-    (["-b", "32"], 8, [], 0.1),  # the README's 8 x 32 trains at the paper's lr
+    (["-b", "32"], 8, [], 0.1),  # docs/imagenet.md's 8 x 32 trains at the paper's lr
     (["-b", "64"], 1, [0, 1], 0.025),  # DataParallel splits one batch of 64
     (["-b", "512"], 1, [], 0.2),
     (["-b", "32", "-lr", "0.2"], 2, [], 0.2),  # an explicit -lr always wins
