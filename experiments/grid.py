@@ -551,12 +551,22 @@ def extracted_tree(source: Path, work_dir: Path) -> Path:
                     tar.extractall(target, filter="data")
             except (tarfile.TarError, EOFError, OSError) as e:
                 shutil.rmtree(target, ignore_errors=True)
-                raise StudyError(f"--source {source}: not a readable .tar.gz ({e})") from None
+                raise StudyError(f"--source {source}: not a readable .tar.gz "
+                                 f"({_tar_problem(e)})") from None
             done.touch()
     roots = [p.parent for p in target.glob("*/train")]
     if len(roots) != 1:
         raise StudyError(f"{source} holds no single <root>/train ImageFolder tree")
     return roots[0]
+
+
+def _tar_problem(error: Exception) -> str:
+    """One line on why a tar archive cannot be read (tarfile lists every compression it tried,
+    one per line, when none fits)."""
+    lines = str(error).splitlines()
+    if len(lines) != 1:
+        return "not a tar archive, compressed or not" if lines else type(error).__name__
+    return lines[0]
 
 
 def subset_tree(root: Path, dest: Path, per_class: dict[str, int]) -> Path:

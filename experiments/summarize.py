@@ -14,7 +14,10 @@ Reads every run folder under RUNS_DIR (any folder holding args.json and log.csv,
 * curves.png (curves-<k>.png for the k-th of several settings): test top-1 by epoch.
 
 Runs are compared only within a setting: the dataset, its data (basename of data_dir for
-"folder", synthetic_size for "synthetic") and the RECIPE_KEYS flags.
+"folder", synthetic_size for "synthetic") and the RECIPE_KEYS flags. A run that diverged (its
+folder holds diverged.txt, or its last test top-1 is NaN) is listed, not averaged. A run whose
+log.csv repeats an epoch or holds an accuracy outside 0-100 is skipped, with a line saying so.
+Names that are not UTF-8 (a run folder `r\\xff`) are written with `\\xNN` escapes.
 """
 from __future__ import annotations
 
@@ -25,14 +28,18 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pandas as pd
+if __package__ in (None, ""):  # run as a file: python experiments/summarize.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models
-from experiments.tables import markdown_table, write_csv
+import pandas as pd  # noqa: E402
+
+import models  # noqa: E402
+from experiments.tables import markdown_table, write_csv  # noqa: E402
 
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc1", "test_acc5",
                "epoch_seconds", "images_per_second", "peak_memory_mb")
 DIVERGED = "diverged.txt"  # written into a run folder by experiments.grid when a run diverged
+ACCURACIES = ("train_acc1", "test_acc1", "test_acc5")  # percentages
 REQUIRED_ARGS = ("arch", "dataset", "epochs", "seed")
 RECIPE_KEYS = ("width", "epochs", "batch_size", "lr", "weight_decay", "momentum", "warm",
                "milestones", "gamma", "max_steps")
@@ -102,7 +109,28 @@ def read_log(path: Path) -> pd.DataFrame:
            or (c == "epoch" and numbers[c].isna().any())]
     if bad:
         raise RunError(f"log.csv has non-numbers in {', '.join(bad)}")
+    repeated = numbers["epoch"][numbers["epoch"].duplicated()]
+    if not repeated.empty:
+        raise RunError(f"log.csv has epoch {int(repeated.iloc[0])} more than once")
+    for column in ACCURACIES:
+        outside = numbers[column][~numbers[column].between(0, 100) & numbers[column].notna()]
+        if not outside.empty:
+            raise RunError(f"log.csv has {column} outside 0-100 ({outside.iloc[0]})")
     return numbers.astype({"epoch": "int64"}).sort_values("epoch", ignore_index=True)
+
+
+def printable(text: str) -> str:
+    """`text` with the undecodable bytes of a file name (Python's surrogate escapes) as `\\xNN`
+    (any other lone surrogate as `\\uNNNN`): what UTF-8 files, parquet and terminals take."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def final_accuracy_is_nan(log: pd.DataFrame) -> bool:
+    """Whether the last logged epoch has no test top-1 (a run that diverged)."""
+    return bool(log["test_acc1"].isna().iloc[-1])
 
 
 def variant_of(arch: str, weight: str) -> tuple[str, str]:
@@ -130,7 +158,8 @@ def setting_of(flags: dict[str, object]) -> str:
     elif data_key:
         fields[data_key] = flags.get(data_key)
     fields |= {k: flags.get(k, 1.0 if k == "width" else None) for k in RECIPE_KEYS}
-    return ", ".join(f"{k}={json.dumps(_plain(v), ensure_ascii=False)}" for k, v in fields.items())
+    return printable(", ".join(f"{k}={json.dumps(_plain(v), ensure_ascii=False)}"
+                               for k, v in fields.items()))
 
 
 def parse_setting(setting: str) -> dict[str, object]:
@@ -154,14 +183,16 @@ def read_run(folder: Path, root: Path) -> pd.DataFrame:
             raise
         # Diverged in its first epoch: one placeholder row (epoch 0, no metrics) keeps it listed.
         log = pd.DataFrame({c: [0 if c == "epoch" else math.nan] for c in LOG_COLUMNS})
+    diverged = diverged or final_accuracy_is_nan(log)
     arch, variant = variant_of(str(flags["arch"]), str(flags.get("weight", "none")))
     try:
         seed, epochs = int(flags["seed"]), int(flags["epochs"])
         width = float(flags.get("width", 1.0))
     except (TypeError, ValueError):
         raise RunError("args.json: seed, epochs and width must be numbers") from None
-    ident = {"run": folder.relative_to(root).as_posix(), "arch": arch, "variant": variant,
-             "seed": seed, "width": width, "dataset": str(flags["dataset"]),
+    ident = {"run": printable(folder.relative_to(root).as_posix()), "arch": printable(arch),
+             "variant": variant, "seed": seed, "width": width,
+             "dataset": printable(str(flags["dataset"])),
              "setting": setting_of(flags), "finished": len(log) >= epochs,
              "diverged": diverged, "on_cpu": flags.get("gpu") == [-1]}
     return pd.concat([pd.DataFrame(ident, index=log.index), log], axis=1)
@@ -176,7 +207,7 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[str]]:
         try:
             frames.append(read_run(folder, root))
         except RunError as e:
-            problems.append(f"skipped {folder}: {e}")
+            problems.append(f"skipped {printable(str(folder))}: {e}")
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), problems
 
 
@@ -192,16 +223,21 @@ def _last(values: pd.Series) -> float:
     return values.iloc[-1]
 
 
+def averaged(runs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the runs that enter the means: finished, not diverged."""
+    return runs[runs["finished"] & ~runs["diverged"]]
+
+
 def run_scores(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per finished run: last-epoch and best test top-1, largest peak memory, mean images/s."""
-    done = runs[runs["finished"]].sort_values(["run", "epoch"])
+    """Per averaged run: last-epoch and best test top-1, largest peak memory, mean images/s."""
+    done = averaged(runs).sort_values(["run", "epoch"])
     return done.groupby(["setting", "arch", "variant", "run"], as_index=False).agg(
         last=("test_acc1", _last), best=("test_acc1", "max"),
         peak_memory_mb=("peak_memory_mb", "max"), images_per_second=("images_per_second", "mean"))
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per setting, arch and variant: n finished runs, last-epoch and best test top-1 mean and
+    """Per setting, arch and variant: n averaged runs, last-epoch and best test top-1 mean and
     sample std (ddof=1, NaN for n=1), mean of the runs' peak memory and of their images/s."""
     summary = run_scores(runs).groupby(["setting", "arch", "variant"], as_index=False).agg(
         n=("run", "size"), last_mean=("last", "mean"), last_std=("last", "std"),
@@ -304,15 +340,18 @@ NOTES = [
 
 
 def unfinished_lines(runs: pd.DataFrame) -> list[str]:
-    """The "Unfinished runs" list of one setting's runs ([] when every run finished)."""
-    unfinished = runs[~runs["finished"]]
+    """The "Unfinished runs" list of one setting's runs: unfinished or diverged ([] when every
+    run is averaged)."""
+    unfinished = runs[~runs["finished"] | runs["diverged"]].sort_values(["run", "epoch"])
     if unfinished.empty:
         return []
     epochs = parse_setting(unfinished["setting"].iloc[0])["epochs"]
     counts = unfinished.groupby("run").agg(epochs=("epoch", lambda e: int((e > 0).sum())),
-                                           diverged=("diverged", "any"))
+                                           diverged=("diverged", "any"),
+                                           nan=("test_acc1", lambda a: bool(a.isna().iloc[-1])))
     return ["", "Unfinished runs (not in the means):", ""] + [
         f"- {run}: {row.epochs} of {epochs} epochs" + (", diverged" if row.diverged else "")
+        + (" (last test top-1 is NaN)" if row.nan and row.epochs else "")
         for run, row in counts.iterrows()]
 
 
@@ -366,7 +405,7 @@ def plot_curves(runs: pd.DataFrame, path: Path, title: str) -> None:
     rows = math.ceil(len(archs) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     colours = dict(zip(VARIANT_ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    done = runs[runs["finished"]]
+    done = averaged(runs)
     for ax, arch in zip(axes.flat, archs):
         for variant in VARIANT_ORDER:
             mine = done[(done["arch"] == arch) & (done["variant"] == variant)]
@@ -419,13 +458,21 @@ def main(argv: list[str] | None = None) -> int:
     """Summarise the runs under RUNS_DIR; 0 when written, 2 when there is no run, 1 when the
     outputs cannot be written."""
     args = get_args_parser().parse_args(argv)
+    if not args.runs_dir.is_dir():
+        what = "is a file" if args.runs_dir.exists() else "does not exist"
+        print(f"error: RUNS_DIR {printable(str(args.runs_dir))} {what}: give the folder "
+              "holding the run folders", file=sys.stderr)
+        return 2
     runs, problems = load_runs(args.runs_dir)
     for line in problems:
         print(line, file=sys.stderr)
     if runs.empty:
-        print(f"error: no runs under {args.runs_dir} (folders holding args.json and log.csv)",
-              file=sys.stderr)
+        print(f"error: no runs under {printable(str(args.runs_dir))} (folders holding args.json "
+              "and log.csv)", file=sys.stderr)
         return 2
+    for run in nan_runs(runs):
+        print(f"run {run}: its last test top-1 is NaN: listed as diverged, not in the means",
+              file=sys.stderr)
     settings = sorted(runs["setting"].unique())
     if len(settings) > 1:
         print(f"runs of {len(settings)} settings, differing in "
@@ -434,10 +481,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = write_outputs(runs, out)
     except OSError as e:
-        print(f"error: cannot write to {out}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: cannot write to {printable(str(out))}: {e.strerror or e}",
+              file=sys.stderr)
         return 1
-    print("wrote " + ", ".join(str(p) for p in written))
+    print("wrote " + ", ".join(printable(str(p)) for p in written))
     return 0
+
+
+def nan_runs(runs: pd.DataFrame) -> list[str]:
+    """The runs whose last logged epoch has a NaN test top-1."""
+    last = runs.sort_values("epoch").groupby("run").tail(1)
+    return sorted(last.loc[last["test_acc1"].isna() & (last["epoch"] > 0), "run"])
 
 
 if __name__ == "__main__":

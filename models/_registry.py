@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .mimicnorm import record_reference_convs_
+from .mimicnorm import check_num_classes, record_reference_convs_
 from .variants import BN, VARIANTS, Variant, get_variant
 
 Builder = Callable[[Variant, int, float], nn.Module]
@@ -60,6 +60,8 @@ def parse_name(name: str) -> tuple[str, Variant]:
 
     Only the suffix is read: whether the architecture is registered is `create_model`'s business.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a model name must be a str, got {type(name).__name__} {name!r:.60}")
     for variant in VARIANTS.values():
         if variant.suffix and name.endswith(variant.suffix):
             return name[: -len(variant.suffix)], variant
@@ -79,16 +81,20 @@ def is_mimicnorm_name(name: str) -> bool:
 def create_model(
     name: str, num_classes: int = 100, family: str = "cifar", width: float = 1.0
 ) -> nn.Module:
-    """Build the registered model `name` for `family` with `num_classes` outputs at `width`."""
-    _check_family(family)
+    """Build the registered model `name` for `family` with `num_classes` outputs at `width`.
+
+    Raises TypeError for an argument of the wrong type, ValueError for a wrong value.
+    """
     arch, variant = parse_name(name)
+    check_num_classes(num_classes)
+    _check_family(family)
     builder = _builders[family].get(arch)
     if builder is None:
         close = difflib.get_close_matches(name, list_models(family), n=4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown {family} model {name!r}{hint}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        raise TypeError(f"width must be a number, got {type(width).__name__} {width!r:.60}")
     if not (width > 0 and math.isfinite(width)):
         raise ValueError(f"width must be a positive number, got {width}")
     model = builder(variant, num_classes, width)
@@ -101,5 +107,5 @@ def create_model(
 
 
 def _check_family(family: str) -> None:
-    if family not in _builders:
+    if not isinstance(family, str) or family not in _builders:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")

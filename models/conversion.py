@@ -11,9 +11,16 @@ builders do to theirs (see models/resnet.py):
 * a fresh network gets the `_cbn` ResNets' init (convs N(0, 2/fan_in), Linears N(0, 2/in),
   biases 0); with `init=False` the weights are kept and each BatchNorm's eval-mode affine map is
   folded into its conv (and divided by the conv's scalar), so the body computes what the BN
-  network computed in eval mode;
+  network computed in eval mode; every such conv then has a bias, for the BatchNorm's shift (a
+  CIFAR bottleneck's projection too, bias-free in the `_cbn` nets);
 * a `LastBN(num_classes)` follows the network's output: the result is
-  `nn.Sequential(body=<converted model>, last_bn=LastBN(num_classes))`.
+  `nn.Sequential(body=<converted model>, last_bn=LastBN(num_classes))`, on the network's device
+  and in its dtype.
+
+What is kept stays as it was: each new conv's parameters are trainable where those they replace
+were (a frozen layer stays frozen), each new module has the train/eval mode of the one it
+replaces and the result that of `model`; the convs of a reduced-width registry model keep the
+full-width fan-in weight mean judges them by (`record_reference_convs_`).
 
 Recognised residual blocks: our `models.resnet` blocks, torchvision's `BasicBlock` and
 `Bottleneck`, and timm's ResNet `BasicBlock` and `Bottleneck` without an attention module (when
@@ -32,12 +39,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ._registry import FAMILIES
 from .layers import HE_NUMERATOR, fan_in_init_
-from .mimicnorm import CENTRING_GAIN, LastBN, ScaledConv2d, is_mimicnorm, residual_scale_init
+from .mimicnorm import (CENTRING_GAIN, LastBN, ScaledConv2d, check_module, check_num_classes,
+                        is_mimicnorm, residual_scale_init)
 from .resnet import ResidualBlock
 
 # Normalisation layers that MimicNorm has no rule for (BatchNorm2d itself is what it replaces).
@@ -51,6 +60,12 @@ PROJECTIONS = {
 }
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
+# Modules and functions between the logits layer and the output that commute with a per-channel
+# affine map (what a LastBN computes in eval mode).
+_PASS_MODULES = (nn.Flatten, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
+_PASS_FUNCTIONS = {torch.flatten, F.adaptive_avg_pool2d}
+# Copied from a conv to its replacement: the full-width shape weight mean judges a conv by.
+_REFERENCE_ATTRIBUTES = ("reference_fan_in", "reference_groups")
 
 
 @dataclass(frozen=True)
@@ -79,9 +94,13 @@ def convert(
     `init=False` keeps the weights (BatchNorms folded into their convs) instead of the fresh
     MimicNorm init. `model` is left untouched. Raises ValueError, naming the module, for what
     cannot be converted: no BatchNorm2d, another normalisation layer, a BatchNorm2d not fed by a
-    Conv2d of its own, an untraceable forward, a network that is MimicNorm already.
+    Conv2d of its own, an untraceable forward, a network that is MimicNorm already, a wrapped
+    network (DataParallel, torch.compile), `num_classes` other than the network's outputs (when
+    its last Linear or Conv2d tells them); TypeError for arguments of the wrong type.
     """
-    if family not in FAMILIES:
+    check_unwrapped(model, "convert(model, num_classes)")
+    check_num_classes(num_classes)
+    if not isinstance(family, str) or family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     _check_convertible(model)
     body = copy.deepcopy(model)
@@ -91,18 +110,23 @@ def convert(
     unplanned = sorted(set(plans) - set(pairs))
     if unplanned:
         raise ValueError(f"residual-branch convs not followed by a BatchNorm2d: {unplanned}")
+    _check_outputs(body, graph, num_classes)
     _warn_unrecognised(graph, {name for name, m in body.named_modules() if _residual_parts(m)})
     for conv_name, bn_name in pairs.items():
         conv, bn = body.get_submodule(conv_name), body.get_submodule(bn_name)
         plan = plans.get(conv_name, ConvPlan())
-        new = conv_like(conv, plan.bias, plan.scale)
+        new = conv_like(conv, plan.bias or not init, plan.scale).train(conv.training)
+        _keep_trainable_(new, conv, bn)
         if not init:
             _load_folded_(new, conv, bn, bn_name)
         replace_module_(body, conv_name, new)
-        replace_module_(body, bn_name, nn.Identity())
+        replace_module_(body, bn_name, nn.Identity().train(bn.training))
     if init:
         fan_in_init_(body, HE_NUMERATOR)
-    return nn.Sequential(OrderedDict(body=body, last_bn=LastBN(num_classes)))
+    last_bn = LastBN(num_classes).to(*_device_and_dtype(model)).train(model.training)
+    result = nn.Sequential(OrderedDict(body=body, last_bn=last_bn))
+    result.training = model.training  # not .train(): the body keeps its modules' modes
+    return result
 
 
 def trace(model: nn.Module) -> fx.Graph:
@@ -157,7 +181,8 @@ def residual_plans(model: nn.Module, family: str) -> dict[str, ConvPlan]:
 
 
 def conv_like(conv: nn.Conv2d, bias: bool, scale: float | None = None) -> nn.Conv2d:
-    """An uninitialised Conv2d (`ScaledConv2d` given `scale`) shaped as `conv`, on its device.
+    """An uninitialised Conv2d (`ScaledConv2d` given `scale`) shaped as `conv`, on its device, in
+    its dtype, with its full-width reference shape if it has one.
 
     It is built on the meta device and then allocated, so it draws no random numbers.
     """
@@ -169,6 +194,9 @@ def conv_like(conv: nn.Conv2d, bias: bool, scale: float | None = None) -> nn.Con
     if scale is not None:
         with torch.no_grad():
             new.scale.fill_(scale)
+    for name in _REFERENCE_ATTRIBUTES:
+        if hasattr(conv, name):
+            setattr(new, name, getattr(conv, name))
     return new
 
 
@@ -187,6 +215,89 @@ def fused_with_bn(
     return fuse_conv_bn_weights(
         weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
     )
+
+
+def check_unwrapped(model: object, signature: str) -> None:
+    """TypeError unless `model` is an nn.Module; ValueError, with what to pass instead, for a
+    DataParallel, DistributedDataParallel or torch.compile wrapper. `signature`: the caller's."""
+    check_module(model, signature)
+    function = signature.split("(")[0]
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ValueError(f"{function} takes the network, not its {type(model).__name__} wrapper: "
+                         "pass model.module")
+    # torch.compile's OptimizedModule, named rather than imported (torch._dynamo is slow to load)
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise ValueError(f"{function} takes the network, not its torch.compile wrapper: pass "
+                         "model._orig_mod (and compile the result)")
+
+
+def logits_layer(
+    model: nn.Module, node: object, calls: dict[str, list[fx.Node]]
+) -> tuple[str | None, object]:
+    """(name, None) of the Linear or Conv2d (called once) whose output alone gives the graph value
+    `node` through ops that commute with a per-channel affine map (flatten from dim 1, adaptive
+    average pooling, dropout, identity); (None, the value where that path stops) if there is none.
+    """
+    while isinstance(node, fx.Node) and len(node.users) == 1:
+        if node.op == "call_module":
+            module = model.get_submodule(node.target)
+            if type(module) in (nn.Linear, nn.Conv2d) and len(calls[node.target]) == 1:
+                return node.target, None
+            if not isinstance(module, _PASS_MODULES) or _flattens_channels(module):
+                break
+        elif not _passes_through(node):
+            break
+        node = node.args[0]
+    return None, node
+
+
+def _passes_through(node: fx.Node) -> bool:
+    """True for a call that commutes with a per-channel affine map of its first argument."""
+    if node.op == "call_function" and node.target in _PASS_FUNCTIONS:
+        return node.target is not torch.flatten or _start_dim(node) == 1
+    return node.op == "call_method" and node.target == "flatten" and _start_dim(node) == 1
+
+
+def _start_dim(node: fx.Node) -> int:
+    return node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+
+
+def _flattens_channels(module: nn.Module) -> bool:
+    """True for an nn.Flatten that does not start at dim 1 (it would mix channels and batch)."""
+    return isinstance(module, nn.Flatten) and module.start_dim != 1
+
+
+def _check_outputs(model: nn.Module, graph: fx.Graph, num_classes: int) -> None:
+    """ValueError when the layer computing `model`'s output (if found) has not `num_classes`."""
+    (output,) = [node for node in graph.nodes if node.op == "output"]
+    name, _ = logits_layer(model, output.args[0], module_calls(graph))
+    if name is None:
+        return
+    layer = model.get_submodule(name)
+    outputs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if outputs != num_classes:
+        raise ValueError(f"num_classes is {num_classes} but the network computes {outputs} "
+                         f"outputs ({name!r}, {type(layer).__name__}): the LastBN normalises "
+                         "each of them")
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of `model`'s first floating parameter or buffer."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _keep_trainable_(new: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Freeze what replaces frozen parameters: the weight and scalar follow `conv`'s weight, the
+    bias `conv`'s bias and `bn`'s affine parameters (trainable if any of them is)."""
+    new.weight.requires_grad_(conv.weight.requires_grad)
+    if isinstance(new, ScaledConv2d):
+        new.scale.requires_grad_(conv.weight.requires_grad)
+    if new.bias is not None:
+        sources = [p for p in (conv.bias, bn.weight, bn.bias) if p is not None] or [conv.weight]
+        new.bias.requires_grad_(any(p.requires_grad for p in sources))
 
 
 def _check_convertible(model: nn.Module) -> None:
@@ -300,14 +411,10 @@ def _adds_two_tensors(node: fx.Node) -> bool:
 
 
 def _load_folded_(new: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_name: str) -> None:
-    """Fill `new` with `conv` followed by `bn` in eval mode, divided by `new`'s scalar if any.
-
-    A conv without a bias (a CIFAR bottleneck's projection) cannot carry the BatchNorm's shift,
-    which is then dropped.
-    """
+    """Fill `new` (biased) with `conv` followed by `bn` in eval mode, divided by `new`'s scalar
+    if any."""
     weight, bias = fused_with_bn(conv.weight, conv.bias, bn, bn_name)
     scale = new.scale.item() if isinstance(new, ScaledConv2d) else 1.0
     with torch.no_grad():
         new.weight.copy_(weight / scale)
-        if new.bias is not None:
-            new.bias.copy_(bias / scale)
+        new.bias.copy_(bias / scale)

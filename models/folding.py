@@ -17,31 +17,30 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .conversion import (
     OTHER_NORMS,
+    check_unwrapped,
     conv_bn_pairs,
     conv_like,
     fused_with_bn,
+    logits_layer,
     module_calls,
     replace_module_,
     trace,
 )
 from .mimicnorm import LastBN, ScaledConv2d, _scale_conv_params
 
-# Modules and functions between the logits layer and the LastBN that commute with its affine map.
-_PASS_MODULES = (nn.Flatten, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
-_PASS_FUNCTIONS = {torch.flatten, F.adaptive_avg_pool2d}
-
 
 def fold(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with identical eval outputs and no normalisation or scalars.
 
     `model` is left untouched. Raises ValueError, naming the layer, for a normalisation layer it
-    cannot fold (not fed by a conv, or by a layer it cannot fold into).
+    cannot fold (not fed by a conv, or by a layer it cannot fold into), or for a wrapped network
+    (DataParallel, torch.compile); TypeError for what is not an nn.Module.
     """
+    check_unwrapped(model, "fold(model)")
     net = copy.deepcopy(model).eval()
     for name, module in list(net.named_modules()):
         if isinstance(module, ScaledConv2d):
@@ -78,37 +77,13 @@ def _fold_into_(layer: nn.Module, bn: nn.BatchNorm1d | nn.BatchNorm2d, bn_name: 
 
 def _logits_layer(model: nn.Module, last_bn: fx.Node, calls: dict[str, list[fx.Node]]) -> str:
     """The Linear or Conv2d (called once) whose output alone reaches `last_bn` via pass-throughs."""
-    node = last_bn.args[0]
-    while isinstance(node, fx.Node) and len(node.users) == 1:
-        if node.op == "call_module":
-            module = model.get_submodule(node.target)
-            if type(module) in (nn.Linear, nn.Conv2d) and len(calls[node.target]) == 1:
-                return node.target
-            if not isinstance(module, _PASS_MODULES) or _flattens_channels(module):
-                break
-        elif not _passes_through(node):
-            break
-        node = node.args[0]
-    raise ValueError(
-        f"cannot fold LastBN {last_bn.target!r}: its input ({node}) does not come from a Linear "
-        "or Conv2d through flatten, adaptive average pooling, dropout or identity alone"
-    )
-
-
-def _passes_through(node: fx.Node) -> bool:
-    """True for a call that commutes with a per-channel affine map of its first argument."""
-    if node.op == "call_function" and node.target in _PASS_FUNCTIONS:
-        return node.target is not torch.flatten or _start_dim(node) == 1
-    return node.op == "call_method" and node.target == "flatten" and _start_dim(node) == 1
-
-
-def _start_dim(node: fx.Node) -> int:
-    return node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
-
-
-def _flattens_channels(module: nn.Module) -> bool:
-    """True for an nn.Flatten that does not start at dim 1 (it would mix channels and batch)."""
-    return isinstance(module, nn.Flatten) and module.start_dim != 1
+    name, stop = logits_layer(model, last_bn.args[0], calls)
+    if name is None:
+        raise ValueError(
+            f"cannot fold LastBN {last_bn.target!r}: its input ({stop}) does not come from a "
+            "Linear or Conv2d through flatten, adaptive average pooling, dropout or identity alone"
+        )
+    return name
 
 
 def _check_folded(model: nn.Module) -> None:

@@ -13,8 +13,9 @@ Normalization", AAAI 2021 (arXiv 2010.09278).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +87,35 @@ def record_reference_convs_(model: nn.Module, reference: nn.Module) -> None:
         conv.reference_groups = twin.groups
 
 
+def check_num_classes(num_classes: object) -> None:
+    """TypeError unless `num_classes` is an int, ValueError unless it is positive."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} "
+                        f"{num_classes!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+
+
+def check_module(model: object, signature: str) -> None:
+    """TypeError, naming the caller's `signature`, unless `model` is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{signature}: the model must be an nn.Module, got "
+                        f"{type(model).__name__} {model!r:.60}")
+
+
+def _check_rule(rule: object) -> None:
+    """TypeError unless `rule` is a CentringRule (a family name gets the call that makes one)."""
+    if isinstance(rule, CentringRule):
+        return
+    hint = f": use models.centring_rule({rule!r})" if isinstance(rule, str) else ""
+    raise TypeError(f"rule must be a CentringRule (models.CIFAR_RULE, models.IMAGENET_RULE), got "
+                    f"{type(rule).__name__} {rule!r:.60}{hint}")
+
+
 def centred_conv_weights(model: nn.Module, rule: CentringRule = CIFAR_RULE) -> list[nn.Parameter]:
     """The weights of every conv in `model` that `rule` selects, each listed once."""
+    check_module(model, "centred_conv_weights(model, rule)")
+    _check_rule(rule)
     weights: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if rule.selects(module):
@@ -107,9 +135,12 @@ def centre_filters_(weights: Sequence[torch.Tensor]) -> None:
 class WeightMean:
     """The weight-mean projection of one model: selection done once, applied after each step."""
 
-    def __init__(self, model: nn.Module, rule: CentringRule = CIFAR_RULE) -> None:
+    def __init__(
+        self, model: nn.Module, rule: CentringRule = CIFAR_RULE,
+        only: Callable[[nn.Parameter], bool] | None = None,
+    ) -> None:
         self.rule = rule
-        self.weights = centred_conv_weights(model, rule)
+        self.weights = [w for w in centred_conv_weights(model, rule) if only is None or only(w)]
 
     def __call__(self) -> None:
         centre_filters_(self.weights)
@@ -124,9 +155,20 @@ def attach_weight_mean(
     """Centre `model`'s selected filters now and after every `optimizer.step()`.
 
     The projection is an optimizer step post-hook (it runs only when a step ran, e.g. not when a
-    GradScaler skips one); the returned handle's `remove()` detaches it.
+    GradScaler skips one); the returned handle's `remove()` detaches it. Selected weights that
+    `optimizer` does not hold (a frozen backbone) are left as they are, with a warning: the
+    projection centres what the optimizer moves.
     """
-    project = WeightMean(model, rule)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"attach_weight_mean(optimizer, model, rule): optimizer must be a "
+                        f"torch.optim.Optimizer, got {type(optimizer).__name__}")
+    check_module(model, "attach_weight_mean(optimizer, model, rule)")
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    project = WeightMean(model, rule, only=lambda weight: id(weight) in owned)
+    left = len(centred_conv_weights(model, rule)) - len(project)
+    if left:
+        warnings.warn(f"attach_weight_mean: {left} conv weight(s) selected by the rule are not "
+                      "in the optimizer (frozen?) and are left uncentred", stacklevel=2)
     project()
     return optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: project())
 
@@ -140,16 +182,27 @@ def weight_mean_(model: nn.Module, rule: CentringRule = CIFAR_RULE) -> nn.Module
 class LastBN(nn.Module):
     """BatchNorm1d(num_classes, affine=False) on the logits, in float32 at least (autocast too).
 
-    Lower-precision logits are cast to float32; float64 ones (a `.double()` network) stay float64.
+    Its running statistics follow the network's device and its dtype down to float32: a network
+    cast to float16 or bfloat16 keeps them in float32, a `.double()` one has them in float64.
+    The logits are normalised, and returned, in the statistics' dtype.
     """
 
     def __init__(self, num_classes: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        check_num_classes(num_classes)
         super().__init__()
         self.bn = nn.BatchNorm1d(num_classes, eps=eps, momentum=momentum, affine=False)
 
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """`nn.Module._apply` (`.to`, `.half()`, ...), with statistics kept in float32 at least."""
+        super()._apply(fn, *args, **kwargs)
+        for name, stat in self.bn.named_buffers(recurse=False):
+            if stat.is_floating_point() and stat.element_size() < 4:
+                setattr(self.bn, name, stat.float())
+        return self
+
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            return self.bn(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+            return self.bn(logits.to(self.bn.running_mean.dtype))
 
 
 def residual_scale_init(block_index: int, convs_in_branch: int) -> float:

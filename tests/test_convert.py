@@ -116,10 +116,10 @@ def test_kept_weights_compute_the_bn_network_in_eval_mode(arch: str, dataset: st
 
 
 def test_cifar_bottleneck_projection_has_no_bias() -> None:
-    converted = models.convert(torchvision.models.resnet50(), 10, family="cifar")
+    converted = models.convert(torchvision.models.resnet50(num_classes=10), 10, family="cifar")
     projection = converted.body.layer1[0].downsample[0]
     assert type(projection) is nn.Conv2d and projection.bias is None
-    basic = models.convert(torchvision.models.resnet18(), 10, family="cifar")
+    basic = models.convert(torchvision.models.resnet18(num_classes=10), 10, family="cifar")
     assert type(basic.body.layer2[0].downsample[0]) is nn.Conv2d
     assert basic.body.layer2[0].downsample[0].bias is not None
 

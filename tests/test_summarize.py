@@ -155,7 +155,11 @@ def test_no_runs_is_an_error(tmp_path: Path, make: str, capsys) -> None:
         (root / "resnet18" / "s0").mkdir(parents=True)
     code, out, err = run_main([str(root)], capsys)
     assert code == 2 and out == ""
-    assert err == f"error: no runs under {root} (folders holding args.json and log.csv)\n"
+    if make == "missing":
+        assert err == (f"error: RUNS_DIR {root} does not exist: give the folder holding the run "
+                       "folders\n")
+    else:
+        assert err == f"error: no runs under {root} (folders holding args.json and log.csv)\n"
 
 
 @pytest.mark.parametrize("damage, why", [
