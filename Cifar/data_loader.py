@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms.functional import pil_to_tensor
+from torchvision.datasets.utils import check_integrity
 
 from Cifar.utils import CIFAR_RECIPE, NORMALIZATION
 from training import SeededSamples, SyntheticImages, UsageError
@@ -24,6 +25,7 @@ from training.data import synthetic_classes
 from training.device_loader import CropFlipRotate, TensorImages
 from training.engine import loader_batches
 from training.errors import DataError
+from training.image_tree import ImageTree, load_rgb
 
 IMAGE_SIZE = 32
 SYNTHETIC_CLASSES = 100  # the shapes of CIFAR-100
@@ -81,7 +83,7 @@ def load_tensors(args: argparse.Namespace, train: bool) -> TensorImages:
                             synthetic_classes(SYNTHETIC_CLASSES), augment)
     if args.dataset == "folder":
         folder, classes = _image_folder(Path(args.data_dir) / ("train" if train else "test"),
-                                        _exact_size_uint8)
+                                        pil_to_tensor, loader=_exact_size_image)
         images, labels = _decode_all(folder, args.workers)
     else:
         cifar, classes = _torchvision_cifar(args.dataset, Path(args.data_dir), train, None)
@@ -91,12 +93,12 @@ def load_tensors(args: argparse.Namespace, train: bool) -> TensorImages:
     return TensorImages(images, labels, mean, std, classes, augment)
 
 
-def _exact_size_uint8(image: Image.Image) -> torch.Tensor:
+def _exact_size_image(path: str) -> Image.Image:
+    image = load_rgb(path)
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        name = getattr(image, "filename", "an image")
-        raise DataError(f"--loader device needs {IMAGE_SIZE}x{IMAGE_SIZE} images, {name} is "
+        raise DataError(f"--loader device needs {IMAGE_SIZE}x{IMAGE_SIZE} images, {path} is "
                         f"{image.size[0]}x{image.size[1]}; use --loader pil")
-    return pil_to_tensor(image)
+    return image
 
 
 def _decode_all(folder: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,14 +109,17 @@ def _decode_all(folder: Dataset, workers: int) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _image_folder(root: Path, transform: Callable) -> tuple[Dataset, list[str]]:
+def _image_folder(root: Path, transform: Callable, loader: Callable[[str], Image.Image] = load_rgb
+                  ) -> tuple[Dataset, list[str]]:
     if not root.is_dir():
         raise UsageError(f"-ds folder needs an ImageFolder tree {root}/<class>/<image>, "
                          f"which does not exist")
     try:
-        data = datasets.ImageFolder(root, transform=transform)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UsageError(f"cannot use {root} as an ImageFolder tree: {e}") from None
+        data = ImageTree(root, transform=transform, loader=loader)
+    except FileNotFoundError as e:  # no class folders, or one without images
+        raise UsageError(f"-ds folder: {e}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read the ImageFolder tree {root}: {e}") from None
     return data, list(data.classes)
 
 
@@ -124,11 +129,29 @@ def _torchvision_cifar(name: str, root: Path, train: bool, transform: transforms
     try:
         data = cls(root, train=train, transform=transform, download=False)
     except RuntimeError:  # not there yet: try to download it
+        _refuse_a_damaged_archive(name, root / cls.filename, cls.tgz_md5)
         try:
             data = cls(root, train=train, transform=transform, download=True)
         except (OSError, RuntimeError) as e:
-            raise UsageError(f"{name} is not in {root} and could not be downloaded ({e}); put "
+            extracted = root / cls.base_folder
+            missing = (f"{extracted} is incomplete or corrupt" if extracted.exists()
+                       else f"{name} is not in {root}")
+            raise UsageError(f"{missing} and could not be downloaded ({e}); put "
                              f"{cls.filename} (or its extracted {cls.base_folder}/ folder) in "
                              f"{root} or pass --data-dir, or train on your own images with -ds "
                              "folder or on generated ones with -ds synthetic") from None
     return data, list(data.classes)
+
+
+def _refuse_a_damaged_archive(name: str, archive: Path, md5: str) -> None:
+    """A UsageError naming `archive` when it exists but is unreadable or not the published file
+    (a download would otherwise replace it, or fail and blame a missing dataset)."""
+    if not archive.exists():
+        return
+    try:
+        intact = check_integrity(archive, md5)
+    except OSError as e:
+        raise UsageError(f"cannot read {archive}: {e.strerror or e}") from None
+    if not intact:
+        raise UsageError(f"{archive} is corrupt or incomplete (its MD5 checksum is not that of "
+                         f"the {name} archive): copy it again, or delete it to download it")

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Callable
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
-from torchvision.datasets import ImageFolder
 
 from ImageNet.lmdb_format import load_index, record_key, shared_env
 
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
     import lmdb
 from training.cli import positive_int
 from training.errors import UNKNOWN_IMAGE_FORMAT, DataError
+from training.image_tree import ImageTree, rgb_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,10 +83,11 @@ class LMDBImageFolder(Dataset):
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image; a failure is a DataError naming `name`."""
+    """Decode encoded image bytes to an 8-bit RGB PIL image (`rgb_image`); a failure is a
+    DataError naming `name`."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+            return rgb_image(img)
     except UnidentifiedImageError:
         raise DataError(f"{name}: {UNKNOWN_IMAGE_FORMAT}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -105,6 +106,7 @@ def train_transform(image_size: int = 224) -> transforms.Compose:
 
 def val_transform(image_size: int = 224, val_resize: int = 256) -> transforms.Compose:
     """Resize the short side to ``val_resize``, centre-crop ``image_size``, normalise."""
+    check_val_resize(image_size, val_resize)
     return transforms.Compose([
         transforms.Resize(val_resize),
         transforms.CenterCrop(image_size),
@@ -113,14 +115,26 @@ def val_transform(image_size: int = 224, val_resize: int = 256) -> transforms.Co
     ])
 
 
-def image_folder(root: Path, transform: Callable[[Image.Image], Any] | None = None) -> ImageFolder:
-    """torchvision's ImageFolder with a one-line error for a missing or empty tree."""
+def check_val_resize(image_size: int, val_resize: int) -> None:
+    """Refuse (ValueError) an eval resize below the crop: the crop would be padded with black."""
+    if val_resize < image_size:
+        raise ValueError(f"--val-resize {val_resize} is smaller than --image-size {image_size}: "
+                         "the centre crop would pad the validation images with black; give "
+                         f"--val-resize {image_size} or more (default "
+                         f"{default_val_resize(image_size)})")
+
+
+def image_folder(root: Path, transform: Callable[[Image.Image], Any] | None = None) -> ImageTree:
+    """An ImageFolder tree (`training.image_tree.ImageTree`: torchvision's labels, walked
+    safely) with a one-line error for a missing, empty or unreadable tree."""
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder (expected an ImageFolder tree)")
     try:
-        return ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{root}: {exc}") from exc
+        return ImageTree(root, transform=transform)
+    except FileNotFoundError:  # no class folders, or one without images: the message says so
+        raise
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read the ImageFolder tree {root}: {exc}") from exc
 
 
 def default_val_resize(image_size: int) -> int:
@@ -158,7 +172,7 @@ def load_split(
     train: bool,
     image_size: int = 224,
     val_resize: int | None = None,
-) -> LMDBImageFolder | ImageFolder:
+) -> LMDBImageFolder | ImageTree:
     """``train.lmdb`` / ``val.lmdb`` (or ``train/`` / ``val/`` trees) under ``data_dir``, with the
     recipe's training or eval transform."""
     data_dir = Path(data_dir)

@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # run as `python ImageNet/folder2lmdb.py`: import
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from ImageNet.lmdb_format import (
     LABEL_DTYPE,
@@ -48,6 +47,7 @@ from ImageNet.lmdb_format import (
 )
 from training.cli import positive_int
 from training.engine import progress_bar
+from training.image_tree import list_image_tree
 
 INITIAL_MAP_SIZE = 1 << 30  # doubled whenever it fills up
 
@@ -62,26 +62,38 @@ def partial_path(dst: Path) -> Path:
 
 
 def list_images(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names and ``(path, label)`` pairs in torchvision ImageFolder order."""
+    """Class names and ``(path, label)`` pairs in torchvision ImageFolder order, walked as
+    `training.image_tree.list_image_tree` walks (no loops, no duplicates, no hidden names); what
+    the walk skipped is said in one note line on stderr."""
     if not src.is_dir():
         raise ConversionError(f"source folder not found: {src}")
     try:
-        classes, class_to_idx = find_classes(str(src))
-    except FileNotFoundError as exc:
-        raise ConversionError(f"no class folders in {src} (expected SRC/<class>/<image>)") from exc
-    try:
-        samples = make_dataset(str(src), class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as exc:  # a class folder without images
-        raise ConversionError(f"{src}: {exc}") from exc
-    return classes, samples
+        listing = list_image_tree(src)
+    except FileNotFoundError as exc:  # no class folders, or one without images
+        raise ConversionError(str(exc)) from exc
+    except OSError as exc:
+        raise ConversionError(f"cannot read the tree {src}: {exc}") from exc
+    note = listing.note()
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return listing.classes, listing.samples
 
 
 def fingerprint(src: Path, classes: list[str], samples: list[tuple[str, int]]) -> str:
-    """SHA-256 of the classes and of every (label, size, relative path): names a conversion."""
-    digest = hashlib.sha256(json.dumps(classes, ensure_ascii=False).encode())
+    """SHA-256 of the classes and of every (label, size, relative path): names a conversion.
+
+    Names are hashed as the file system's bytes (surrogateescape), so a name that is not UTF-8
+    works too."""
+    digest = hashlib.sha256(_fs_bytes(json.dumps(classes, ensure_ascii=False)))
     for path, label in samples:
-        digest.update(f"{label}\t{os.path.getsize(path)}\t{os.path.relpath(path, src)}\n".encode())
+        line = f"{label}\t{os.path.getsize(path)}\t{os.path.relpath(path, src)}\n"
+        digest.update(_fs_bytes(line))
     return digest.hexdigest()
+
+
+def _fs_bytes(text: str) -> bytes:
+    """`text` as UTF-8, with the surrogates a non-UTF-8 file name decodes to as its own bytes."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def read_image_file(path: str) -> bytes:

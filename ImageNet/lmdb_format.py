@@ -8,7 +8,9 @@ is read as well) with these keys:
   in index order.
 - ``b"__labels__"``: the label of every record, little-endian int32, in record order.
 - ``b"__meta__"``: UTF-8 JSON ``{"format": "mimicnorm-lmdb", "version": 1, "count", "classes",
-  "source", "source_sha256"}``; ``classes[label]`` is the class (folder) name.
+  "source", "source_sha256"}``; ``classes[label]`` is the class (folder) name. Written as ASCII
+  with ``\\u`` escapes, so that a name that is not UTF-8 (its undecodable bytes are ``\\udcXX``
+  surrogates in Python, as ``os.fsdecode`` gives them) is stored too and reads back the same.
 - ``b"__progress__"``: present only while a conversion is unfinished: JSON
   ``{"source_sha256", "done"}``.
 
@@ -85,7 +87,7 @@ def encode_index(index: Index) -> dict[bytes, bytes]:
         "source_sha256": index.source_sha256,
     }
     return {
-        META_KEY: json.dumps(meta, ensure_ascii=False).encode(),
+        META_KEY: json.dumps(meta).encode(),  # ASCII: \u escapes, surrogates included
         LABELS_KEY: np.asarray(index.labels, dtype=LABEL_DTYPE).tobytes(),
     }
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 from torch.utils.data import Dataset  # noqa: E402
 
 import training  # noqa: E402
-from ImageNet.data_loader import load_split  # noqa: E402
+from ImageNet.data_loader import check_val_resize, default_val_resize, load_split  # noqa: E402
 from ImageNet.lmdb_format import LMDBFormatError  # noqa: E402
 from ImageNet.utils import IMAGENET_RECIPE, get_args_parser  # noqa: E402
 from training.data import synthetic_classes  # noqa: E402
@@ -31,6 +31,10 @@ class ImageNetData:
 
     def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, list[str]]:
         """The split `-ds` selects and its class names; bad data raises UsageError."""
+        try:
+            check_val_resize(args.image_size, args.val_resize or default_val_resize(args.image_size))
+        except ValueError as e:
+            raise training.UsageError(str(e)) from None
         if args.dataset == "synthetic":
             n_train, n_test = args.synthetic_size
             data = training.SyntheticImages(n_train if train else n_test, SYNTHETIC_CLASSES,

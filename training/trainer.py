@@ -58,6 +58,7 @@ class Trainer:
         self.args, self.data, self.rt = args, data, rt
         self.run_dir = run_dir_for(args)
         test_set, self.classes = load_split(args, data, rt, train=False)
+        _check_several_classes(args, data, self.classes)
         self.resumed: TrainingState | None = None
         if args.resume:
             expect = {**expected_header(args, data, self.classes), "dataset": args.dataset}
@@ -401,6 +402,15 @@ def _check_same_classes(args: argparse.Namespace, data: DataSource, train_classe
     if difference:
         raise UsageError(f"-ds {args.dataset}: the train and {split} splits have different "
                          f"classes ({difference})")
+
+
+def _check_several_classes(args: argparse.Namespace, data: DataSource, classes: list[str]
+                           ) -> None:
+    """Refuse data of a single class: its cross-entropy is 0 whatever the weights, so nothing
+    would be learnt and every test image would count as correct."""
+    if len(classes) == 1:
+        raise UsageError(f"-ds {args.dataset}: the {data.recipe.eval_split} split has a single "
+                         f"class ({classes[0]}); a classifier needs at least 2")
 
 
 def _all_finite(net: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
