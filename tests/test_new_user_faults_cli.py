@@ -5,7 +5,6 @@ seeds, memory, warm-up, a diverged evaluation and --sync-lastbn."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -67,7 +66,8 @@ def _copy_run(run: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", ["../../escaped", "..", ".", "/abs", "a/b", ""])
 def test_a_run_name_that_is_not_one_folder_name_writes_nothing(tmp_path, capsys, name):
     out = tmp_path / "deep" / "out"
-    for main, argv in ((cifar_main, [*TINY, "-j", "0", "--epochs", "1"]), (imagenet_main, IMAGENET)):
+    cifar = [*TINY, "-j", "0", "--epochs", "1"]
+    for main, argv in ((cifar_main, cifar), (imagenet_main, IMAGENET)):
         assert main([*argv, "--out-dir", str(out), "--run-name", name]) == 2
         _error_line(capsys, f"--run-name {name!r} is not a folder name",
                     "the run goes to OUT_DIR/ARCH/RUN_NAME")
@@ -331,7 +331,6 @@ def test_a_non_finite_test_loss_is_a_divergence(tmp_path, capsys):
 
 def test_an_older_checkpoint_is_not_resumed_over_a_newer_last(tiny_run, tmp_path, capsys):
     run_dir = _copy_run(tiny_run, tmp_path)
-    assert os.path.samefile(run_dir / "best.pt", run_dir / "last.pt") is False  # copies
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     torch.save({**ckpt, "epoch": 2}, run_dir / "last.pt")  # as if a second epoch had run
     before = _files(run_dir)

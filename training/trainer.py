@@ -64,7 +64,6 @@ class Trainer:
             expect = {**expected_header(args, data, self.classes), "dataset": args.dataset}
             self.resumed = load_checkpoint(args.resume, expect)
             check_same_run(args, self.resumed)
-            check_batch_unchanged_mid_epoch(args, self.resumed)
             check_not_behind_last(self.run_dir, args, self.resumed)
             self.ignored_flags = adopt_checkpoint_recipe(args, self.resumed)
         self.net = build_net(args, data, rt, len(self.classes))
@@ -202,6 +201,7 @@ class Trainer:
                 f"{ckpt.world_size} process(es); this run has {self.steps} steps per epoch and "
                 f"{rt.world_size} process(es): resume with the same batch size and process count "
                 "(only epoch-end checkpoints can change them)")
+        check_batch_unchanged_mid_epoch(self.args, ckpt)  # the same steps from other images
         if ckpt.epoch > wanted:
             raise UsageError(f"{resume} has {ckpt.epoch} epochs done, more than --epochs "
                              f"{wanted}")
