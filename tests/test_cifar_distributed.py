@@ -41,6 +41,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, last_bn):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 processes (gloo, cpu)" in proc.stdout
     assert proc.stdout.count("epoch 2/2") == 1  # only rank 0 reports
+    assert "FutureWarning" not in proc.stderr  # torch's deprecation of the synced BN's all_reduce
 
     (run_dir,) = (tmp_path / "runs" / "squeezenet_cbn").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == [

@@ -54,6 +54,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+SEED_LIMIT = 2**32  # torch's CPU generator and NumPy keep 32 bits: larger seeds would alias
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed in 0..2**32-1 (the range in which seeds give distinct runs)."""
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in 0..{SEED_LIMIT - 1}, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite float > 0."""
     value = float(text)
@@ -126,7 +137,7 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
                        help="multiply the learning rate by --gamma once this many epochs are done")
     optim.add_argument("--gamma", type=positive_float, default=recipe.gamma,
                        help="learning-rate factor at each milestone")
-    optim.add_argument("--seed", type=non_negative_int, default=0,
+    optim.add_argument("--seed", type=seed_int, default=0,
                        help="seed of initialisation, data order and augmentation (each sample "
                             "gets its own augmentation seed from seed, epoch and index)")
 
@@ -134,7 +145,8 @@ def get_args_parser(recipe: Recipe, description: str) -> argparse.ArgumentParser
     run.add_argument("--out-dir", default="runs",
                      help="outputs go to OUT_DIR/ARCH/RUN_NAME/")
     run.add_argument("--run-name", default=None,
-                     help="default: <dataset>-<weight>-s<seed>-<date-time>; with --resume, the "
+                     help="one folder name under OUT_DIR/ARCH/; default: "
+                          "<dataset>-<weight>-s<seed>-<date-time>; with --resume, the "
                           "checkpoint's own folder")
     run.add_argument("--resume", metavar="PATH", default=None,
                      help="continue training from this checkpoint, even one saved mid-epoch "
@@ -188,6 +200,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Reject flag combinations that argparse cannot see; raises UsageError."""
     if list(args.milestones) != sorted(set(args.milestones)):
         raise UsageError(f"--milestones must be strictly increasing, got {args.milestones}")
+    if args.run_name is not None:
+        check_run_name(args.run_name)
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate tests a checkpoint: give it with --resume PATH")
     if args.sync_lastbn and not models.is_mimicnorm_name(args.arch):
@@ -195,6 +209,15 @@ def check_args(args: argparse.Namespace) -> None:
                          "last BN")
     if args.gpu is not None and -1 in args.gpu and len(args.gpu) > 1:
         raise UsageError(f"--gpu -1 (CPU) cannot be combined with GPU ids, got {args.gpu}")
+
+
+def check_run_name(name: str) -> None:
+    """Refuse a --run-name that is not one folder name (it would write outside OUT_DIR/ARCH)."""
+    separators = [s for s in (os.sep, os.altsep) if s]
+    if name in ("", ".", "..") or "\0" in name or any(s in name for s in separators):
+        raise UsageError(f"--run-name {name!r} is not a folder name: give one name (no "
+                         f"{' or '.join(separators)}, not . or ..), the run goes to "
+                         "OUT_DIR/ARCH/RUN_NAME")
 
 
 def default_lr(recipe: Recipe, batch_size: int, processes: int) -> float:

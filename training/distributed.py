@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -115,9 +116,9 @@ class SyncedBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         if x.dim() != 2:
             raise ValueError(f"SyncedBatchNorm1d expects (N, C) input, got shape {tuple(x.shape)}")
-        sums = dist_nn.all_reduce(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]))
+        sums = _differentiable_all_reduce(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]))
         count, mean = sums[-1], sums[:-1] / sums[-1]
-        var = dist_nn.all_reduce(((x - mean) ** 2).sum(0)) / count
+        var = _differentiable_all_reduce(((x - mean) ** 2).sum(0)) / count
         if self.track_running_stats:  # count stays a device tensor: .item() would sync
             self._update_running_stats(mean.detach(), var.detach(), count.detach())
         y = (x - mean) * torch.rsqrt(var + self.eps)
@@ -134,6 +135,16 @@ class SyncedBatchNorm1d(nn.BatchNorm1d):
             factor = self.momentum
         self.running_mean.lerp_(mean, factor)
         self.running_var.lerp_(var * count / (count - 1).clamp(min=1), factor)
+
+
+def _differentiable_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all processes, with a backward. torch marks
+    `torch.distributed.nn.functional.all_reduce` deprecated (a FutureWarning at every call) in
+    favour of its private `_functional_collectives`; the warning is silenced for this call only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_reduce is "
+                                "deprecated", FutureWarning)
+        return dist_nn.all_reduce(tensor)
 
 
 def sync_last_bn_(net: nn.Module) -> nn.Module:

@@ -27,7 +27,9 @@ def run_dir_for(args: argparse.Namespace) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"{args.dataset}-{args.weight}-s{args.seed}-{stamp}"
         run_dir = Path(args.out_dir) / args.arch / name
-    continuing = args.resume and Path(args.resume).resolve().parent == run_dir.resolve()
+    # realpath, unlike Path.resolve, never raises (a symlink loop in --out-dir is left to mkdir)
+    continuing = args.resume and (os.path.dirname(os.path.realpath(args.resume))
+                                  == os.path.realpath(run_dir))
     if (run_dir / "last.pt").exists() and not continuing:
         raise UsageError(f"{run_dir} already holds a run: continue it with --resume "
                          f"{run_dir / 'last.pt'} or choose another --run-name")

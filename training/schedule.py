@@ -43,3 +43,20 @@ class WarmupMultiStepLR(LRScheduler):
         factor = lr_factor(self.last_epoch, self.steps_per_epoch, self.warm_epochs,
                            self.milestones, self.gamma)
         return [base_lr * factor for base_lr in self.base_lrs]
+
+    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
+        """Continue the same schedule (it is defined in epochs) with `steps_per_epoch` optimizer
+        steps per epoch from now on, e.g. after resuming with another batch size; only at an epoch
+        boundary. Sets the optimizer's lr to the schedule's value at this point."""
+        epochs, rest = divmod(self.last_epoch, self.steps_per_epoch)
+        if rest:
+            raise ValueError(f"the schedule is at step {rest} of an epoch of "
+                             f"{self.steps_per_epoch}: steps per epoch change only at epoch ends")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        self.steps_per_epoch, self.last_epoch = steps_per_epoch, epochs * steps_per_epoch
+        factor = lr_factor(self.last_epoch, steps_per_epoch, self.warm_epochs, self.milestones,
+                           self.gamma)
+        self._last_lr = [base_lr * factor for base_lr in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -29,13 +30,12 @@ from .errors import RunError, RunInterrupted, TrainingDiverged, UsageError
 from .guard import StepGuard, StopSignals
 from .logger import CsvLog, format_row, peak_memory_mb, reset_peak_memory
 from .rng import capture_rng_state, restore_rng_state, seed_everything
+from .resume import (adopt_checkpoint_recipe, changed_step_flags, check_batch_unchanged_mid_epoch,
+                     check_not_behind_last, check_same_run)
 from .rundir import RunDirLock, run_dir_for
 from .schedule import WarmupMultiStepLR
 from .tensorboard_log import TensorBoardLog
 
-# Flags whose new values a resumed run cannot honour: the checkpoint's optimizer and schedule win.
-RECIPE_FLAGS = ("batch_size", "lr", "weight_decay", "momentum", "warm", "milestones", "gamma",
-                "max_steps")
 CUDA_CHECK_EVERY = 10  # steps between loss checks on a GPU (each one waits for the device)
 SETTLED_STEPS = 200  # below this many steps the last BN's running statistics still lag (note)
 
@@ -60,9 +60,13 @@ class Trainer:
         test_set, self.classes = load_split(args, data, rt, train=False)
         _check_several_classes(args, data, self.classes)
         self.resumed: TrainingState | None = None
+        self.ignored_flags: list[str] = []  # recipe flags the checkpoint overrides
         if args.resume:
             expect = {**expected_header(args, data, self.classes), "dataset": args.dataset}
             self.resumed = load_checkpoint(args.resume, expect)
+            check_same_run(args, self.resumed)
+            check_not_behind_last(self.run_dir, args, self.resumed)
+            self.ignored_flags = adopt_checkpoint_recipe(args, self.resumed)
         self.net = build_net(args, data, rt, len(self.classes))
         seed_everything(args.seed + rt.rank)
         train_set, train_classes = load_split(args, data, rt, train=True)
@@ -105,6 +109,9 @@ class Trainer:
         self.net.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.scheduler)
+        old_steps = self.scheduler.steps_per_epoch
+        if old_steps != self.steps:  # an epoch-end checkpoint (`_check_resumable`)
+            self.scheduler.set_steps_per_epoch(self.steps)
         if self.scaler is not None and ckpt.scaler:
             self.scaler.load_state_dict(ckpt.scaler)
         if len(ckpt.rng) == rt.world_size:
@@ -112,11 +119,7 @@ class Trainer:
         else:
             say(rt, f"note: the checkpoint was written by {len(ckpt.rng)} process(es), this run "
                     f"has {rt.world_size}: random streams start afresh")
-        # Weights saved by a --weight mean run are centred already; centring again would only add
-        # rounding noise and break exact resumption.
-        if self.args.weight == "mean" and ckpt.args.get("weight") != "mean":
-            models.weight_mean_(self.net, self.rule)
-        self._note_changed_flags(ckpt)
+        self._note_changed_flags(ckpt, old_steps)
         self.best_acc1, self.pending_eval = ckpt.best_acc1, ckpt.pending_eval
         self.last_saved = str(self.args.resume)
         within = f", step {ckpt.step}/{ckpt.steps_per_epoch} of the next" if ckpt.step else ""
@@ -169,12 +172,25 @@ class Trainer:
         """What to do after a non-finite loss, and which checkpoint is still good."""
         kept = (f"{self.last_saved} is the last good checkpoint" if self.last_saved
                 else "no checkpoint had been written")
+        return f"{kept}; {self._divergence_advice()}"
+
+    def _test_diverged(self, epoch: int, loss: float, lr: float) -> TrainingDiverged:
+        """A non-finite test loss: nothing of the epoch is logged and best.pt stays the best
+        evaluated epoch (its trained state, saved as last.pt, evaluates the same when resumed)."""
+        best = (f"best.pt holds the best evaluated epoch (top-1 {self.best_acc1:.2f}%)"
+                if self.best_acc1 is not None else "no epoch had been evaluated")
+        return TrainingDiverged(f"training diverged: non-finite test loss ({loss}) after epoch "
+                                f"{epoch + 1} (lr {lr:.4g}); {best}; {self._divergence_advice()}")
+
+    def _divergence_advice(self) -> str:
         twin = models.twin_name(self.args.arch, models.MIMIC)
         advice = f"lower -lr (it is {self.args.lr:g})"
+        if self.args.momentum >= 1:  # SGD with momentum 1 or more amplifies every step
+            advice += f" and --momentum (it is {self.args.momentum:g}; below 1 converges)"
         family = self.data.recipe.family
         if not models.is_mimicnorm_name(self.args.arch) and twin in models.list_models(family):
             advice += f" or train the MimicNorm twin: -a {twin} --weight mean"
-        return f"{kept}; {advice}"
+        return advice
 
     def _check_resumable(self, ckpt: TrainingState) -> None:
         """Refuse a checkpoint this run cannot continue: a mid-epoch one whose sampler position
@@ -186,6 +202,7 @@ class Trainer:
                 f"{ckpt.world_size} process(es); this run has {self.steps} steps per epoch and "
                 f"{rt.world_size} process(es): resume with the same batch size and process count "
                 "(only epoch-end checkpoints can change them)")
+        check_batch_unchanged_mid_epoch(self.args, ckpt)  # the same steps from other images
         if ckpt.epoch > wanted:
             raise UsageError(f"{resume} has {ckpt.epoch} epochs done, more than --epochs "
                              f"{wanted}")
@@ -193,12 +210,25 @@ class Trainer:
             say(rt, f"note: {resume} has all {wanted} epochs done, nothing to train: pass "
                     f"--epochs N (N > {wanted}) to train on")
 
-    def _note_changed_flags(self, ckpt: TrainingState) -> None:
-        changed = [f"{k} {ckpt.args.get(k)} -> {getattr(self.args, k)}" for k in RECIPE_FLAGS
-                   if ckpt.args.get(k) != getattr(self.args, k)]
-        if changed:
-            say(self.rt, f"note: resumed with changed flags ({'; '.join(changed)}); the "
-                         "checkpoint's optimizer and learning-rate schedule continue unchanged")
+    def _note_changed_flags(self, ckpt: TrainingState, old_steps: int) -> None:
+        """Say which changed flags the resumed run applies and which it ignores."""
+        rt, args = self.rt, self.args
+        applied = changed_step_flags(args, ckpt)
+        if applied or old_steps != self.steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            change = f" ({', '.join(applied)})" if applied else ""
+            say(rt, f"note: resumed with {self.steps} steps per epoch{change}, the checkpoint's "
+                    f"run had {old_steps}: the lr schedule, defined in epochs, continues from "
+                    f"epoch {ckpt.epoch} with the new steps per epoch (lr now {lr:.4g})")
+        if self.ignored_flags:
+            say(rt, f"note: resumed with changed recipe flags, not applied: "
+                    f"{'; '.join(self.ignored_flags)}: the checkpoint's optimizer and schedule "
+                    "continue, and args.json records their values")
+        if ckpt.args.get("sync_lastbn", False) != args.sync_lastbn:
+            was, now = (("without", "over all processes") if args.sync_lastbn else
+                        ("with", "per process"))
+            say(rt, f"note: the checkpoint's run was trained {was} --sync-lastbn; this run "
+                    f"computes the last BN's batch statistics {now}")
 
     def _fit(self) -> RunResult:
         """From the resume point to the last epoch. At each epoch's end: save, evaluate, save
@@ -232,6 +262,8 @@ class Trainer:
                                 channels_last=args.channels_last, progress=show_progress(args, rt),
                                 max_batches=args.max_steps,
                                 check_stop=self._stop_check(signals, epoch))
+                if not math.isfinite(test["loss"]):
+                    raise self._test_diverged(epoch, test["loss"], train["lr"])
                 row = {"epoch": epoch + 1, "lr": train["lr"], "train_loss": train["loss"],
                        "train_acc1": train["acc1"], "test_loss": test["loss"],
                        "test_acc1": test["acc1"], "test_acc5": test["acc5"],
@@ -324,6 +356,9 @@ class Trainer:
                      f"{describe(self.rt)}: {args.dataset} {len(self.train_set)} train / {test} "
                      f"images, {len(self.classes)} classes, {self.steps} steps per epoch -> "
                      f"{self.run_dir}")
+        if args.warm > args.epochs:
+            say(self.rt, f"note: --warm {args.warm} is longer than --epochs {args.epochs}: the lr "
+                         f"rises to {args.epochs / args.warm:.0%} of its peak {args.lr:g} only")
 
     def _start_outputs(self) -> CsvLog:
         """Write args.json and start log.csv (a resumed one keeps its rows up to the checkpoint's
