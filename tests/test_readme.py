@@ -82,8 +82,9 @@ def _commands() -> list[tuple[str, str, str]]:
 
 def _parser_of(script: str):
     module = SCRIPT_MODULES.get(script)
-    if module is None and re.fullmatch(r"(experiments|benchmarks)\.\w+", script):
-        module = script
+    as_module = script.removesuffix(".py").replace("/", ".")  # experiments/x.py runs as -m too
+    if module is None and re.fullmatch(r"(experiments|benchmarks)\.\w+", as_module):
+        module = as_module
     return importlib.import_module(module).get_args_parser() if module else None
 
 
