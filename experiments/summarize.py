@@ -115,7 +115,7 @@ def read_log(path: Path) -> pd.DataFrame:
     for column in ACCURACIES:
         outside = numbers[column][~numbers[column].between(0, 100) & numbers[column].notna()]
         if not outside.empty:
-            raise RunError(f"log.csv has {column} outside 0-100 ({outside.iloc[0]})")
+            raise RunError(f"log.csv has {column} outside 0-100 ({outside.iloc[0]:g})")
     return numbers.astype({"epoch": "int64"}).sort_values("epoch", ignore_index=True)
 
 
@@ -154,12 +154,11 @@ def setting_of(flags: dict[str, object]) -> str:
     fields = {"dataset": flags["dataset"]}
     data_key = DATA_KEY.get(str(flags["dataset"]))
     if data_key == "data_dir":
-        fields[data_key] = Path(str(flags.get(data_key))).name
+        fields[data_key] = printable(Path(str(flags.get(data_key))).name)
     elif data_key:
         fields[data_key] = flags.get(data_key)
     fields |= {k: flags.get(k, 1.0 if k == "width" else None) for k in RECIPE_KEYS}
-    return printable(", ".join(f"{k}={json.dumps(_plain(v), ensure_ascii=False)}"
-                               for k, v in fields.items()))
+    return ", ".join(f"{k}={json.dumps(_plain(v), ensure_ascii=False)}" for k, v in fields.items())
 
 
 def parse_setting(setting: str) -> dict[str, object]:

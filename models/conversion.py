@@ -414,7 +414,7 @@ def _load_folded_(new: nn.Conv2d, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_name: 
     """Fill `new` (biased) with `conv` followed by `bn` in eval mode, divided by `new`'s scalar
     if any."""
     weight, bias = fused_with_bn(conv.weight, conv.bias, bn, bn_name)
-    scale = new.scale.item() if isinstance(new, ScaledConv2d) else 1.0
+    scale = new.scale.detach() if isinstance(new, ScaledConv2d) else 1.0
     with torch.no_grad():
         new.weight.copy_(weight / scale)
         new.bias.copy_(bias / scale)
