@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
-from torchvision.transforms.functional import pil_to_tensor
 from torchvision.datasets.utils import check_integrity
+from torchvision.transforms.functional import pil_to_tensor
 
 from Cifar.utils import CIFAR_RECIPE, NORMALIZATION
 from training import SeededSamples, SyntheticImages, UsageError

@@ -115,9 +115,10 @@ def val_transform(image_size: int = 224, val_resize: int = 256) -> transforms.Co
     ])
 
 
-def check_val_resize(image_size: int, val_resize: int) -> None:
-    """Refuse (ValueError) an eval resize below the crop: the crop would be padded with black."""
-    if val_resize < image_size:
+def check_val_resize(image_size: int, val_resize: int | None) -> None:
+    """Refuse (ValueError) an eval resize below the crop, which would pad the crop with black;
+    None (the default resize) is always fine."""
+    if val_resize is not None and val_resize < image_size:
         raise ValueError(f"--val-resize {val_resize} is smaller than --image-size {image_size}: "
                          "the centre crop would pad the validation images with black; give "
                          f"--val-resize {image_size} or more (default "

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 from torch.utils.data import Dataset  # noqa: E402
 
 import training  # noqa: E402
-from ImageNet.data_loader import check_val_resize, default_val_resize, load_split  # noqa: E402
+from ImageNet.data_loader import check_val_resize, load_split  # noqa: E402
 from ImageNet.lmdb_format import LMDBFormatError  # noqa: E402
 from ImageNet.utils import IMAGENET_RECIPE, get_args_parser  # noqa: E402
 from training.data import synthetic_classes  # noqa: E402
@@ -32,7 +32,7 @@ class ImageNetData:
     def load(self, args: argparse.Namespace, train: bool) -> tuple[Dataset, list[str]]:
         """The split `-ds` selects and its class names; bad data raises UsageError."""
         try:
-            check_val_resize(args.image_size, args.val_resize or default_val_resize(args.image_size))
+            check_val_resize(args.image_size, args.val_resize)
         except ValueError as e:
             raise training.UsageError(str(e)) from None
         if args.dataset == "synthetic":
