@@ -110,6 +110,12 @@ def test_replicas_with_one_image_are_refused(batch, runtime, sync, refused):
     assert refused in str(info.value) and info.value.exit_code == 2
 
 
+def test_evaluation_in_batches_of_one_is_allowed(tiny_run, capsys):
+    """Evaluation normalises with the running statistics: a batch of one is fine there."""
+    assert cifar_main([*TINY, "-j", "0", "-b", "1", "--evaluate", "--resume", str(tiny_run)]) == 0
+    assert "on 8 synthetic test images" in capsys.readouterr().out
+
+
 def test_a_last_batch_of_one_is_dropped(tmp_path, capsys):
     """17 images in batches of 8: the incomplete last batch (one image) is never trained on, with
     either loader."""
