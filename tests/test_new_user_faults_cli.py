@@ -313,11 +313,11 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tiny_run, tmp_path, 
 
 def test_a_warm_up_longer_than_the_run_is_noted(tmp_path, capsys):
     assert cifar_main([*TINY, "-j", "0", "--epochs", "2", "--warm", "3", "--max-steps", "1",
-                       "--out-dir", str(tmp_path)]) == 0
+                       "--out-dir", str(tmp_path), "--run-name", "long"]) == 0
     assert (f"note: --warm 3 is longer than --epochs 2: the lr rises to 67% of its peak "
             f"{STABLE_LR:g} only") in capsys.readouterr().out
     assert cifar_main([*TINY, "-j", "0", "--epochs", "2", "--warm", "2", "--max-steps", "1",
-                       "--out-dir", str(tmp_path)]) == 0
+                       "--out-dir", str(tmp_path), "--run-name", "exact"]) == 0
     assert "--warm" not in capsys.readouterr().out
 
 
