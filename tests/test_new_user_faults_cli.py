@@ -110,6 +110,12 @@ def test_replicas_with_one_image_are_refused(batch, runtime, sync, refused):
     assert refused in str(info.value) and info.value.exit_code == 2
 
 
+def test_evaluation_in_batches_of_one_is_allowed(tiny_run, capsys):
+    """Evaluation normalises with the running statistics: a batch of one is fine there."""
+    assert cifar_main([*TINY, "-j", "0", "-b", "1", "--evaluate", "--resume", str(tiny_run)]) == 0
+    assert "on 8 synthetic test images" in capsys.readouterr().out
+
+
 def test_a_last_batch_of_one_is_dropped(tmp_path, capsys):
     """17 images in batches of 8: the incomplete last batch (one image) is never trained on, with
     either loader."""
@@ -307,11 +313,11 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tiny_run, tmp_path, 
 
 def test_a_warm_up_longer_than_the_run_is_noted(tmp_path, capsys):
     assert cifar_main([*TINY, "-j", "0", "--epochs", "2", "--warm", "3", "--max-steps", "1",
-                       "--out-dir", str(tmp_path)]) == 0
+                       "--out-dir", str(tmp_path), "--run-name", "long"]) == 0
     assert (f"note: --warm 3 is longer than --epochs 2: the lr rises to 67% of its peak "
             f"{STABLE_LR:g} only") in capsys.readouterr().out
     assert cifar_main([*TINY, "-j", "0", "--epochs", "2", "--warm", "2", "--max-steps", "1",
-                       "--out-dir", str(tmp_path)]) == 0
+                       "--out-dir", str(tmp_path), "--run-name", "exact"]) == 0
     assert "--warm" not in capsys.readouterr().out
 
 

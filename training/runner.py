@@ -114,8 +114,9 @@ def replica_batches(batch_size: int, rt: Runtime) -> list[int]:
 
 def check_last_bn_batch(args: argparse.Namespace, rt: Runtime) -> None:
     """Refuse a batch in which the last BN of a MimicNorm network would see one sample per step:
-    batch statistics need two (the incomplete last batch of an epoch is always dropped)."""
-    if not models.is_mimicnorm_name(args.arch):
+    batch statistics need two (the incomplete last batch of an epoch is always dropped;
+    --evaluate uses the running statistics)."""
+    if args.evaluate or not models.is_mimicnorm_name(args.arch):
         return
     smallest = min(replica_batches(args.batch_size, rt))
     synced = args.sync_lastbn and rt.distributed
