@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from typing import Iterator
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n N`), each of the N test processes gets its share of the cores, in
+    process and for the programs its tests start: threads that outnumber the cores wait for each
+    other at every parallel region, and a 2-thread run beside a busy process is 10x slower."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
