@@ -23,7 +23,7 @@ TEXT = {page.relative_to(REPO).as_posix(): page.read_text() for page in PAGES}
 # the pages that document the entry points' own flags
 TRAINING_PAGES = ("README.md", "docs/training.md", "docs/long-runs.md", "docs/imagenet.md")
 # flags of other tools named on those pages
-OTHER_TOOLS = {"--logdir"}  # tensorboard
+OTHER_TOOLS = {"--logdir", "--dist"}  # tensorboard; pytest-xdist (the test command)
 # "python <script>" / "python -m <module>" -> the module whose get_args_parser() parses it
 SCRIPT_MODULES = {
     "main.py": "Cifar.utils",  # the README's `cd Cifar && python main.py`
