@@ -55,8 +55,6 @@ class WarmupMultiStepLR(LRScheduler):
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
         self.steps_per_epoch, self.last_epoch = steps_per_epoch, epochs * steps_per_epoch
-        factor = lr_factor(self.last_epoch, steps_per_epoch, self.warm_epochs, self.milestones,
-                           self.gamma)
-        self._last_lr = [base_lr * factor for base_lr in self.base_lrs]
+        self._last_lr = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr
