@@ -64,6 +64,16 @@ def stderr_lines(capsys) -> list[str]:
     return capsys.readouterr().err.strip().splitlines()
 
 
+def error_line(capsys, *expected: str) -> str:
+    """The one line the code under test printed on stderr since the last read: an `error: ` line
+    holding every text of `expected`."""
+    lines = stderr_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
 def calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """`model` in eval mode with random BN affines and every BN's statistics those of batch `x`."""
     g = torch.Generator().manual_seed(0)

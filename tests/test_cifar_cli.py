@@ -8,7 +8,7 @@ import torch
 
 from Cifar.main import main
 from Cifar.utils import get_args_parser
-from tests.helpers import checkpoint_dict
+from tests.helpers import checkpoint_dict, error_line
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["-a", "squeezenet_cbn", "-ds", "synthetic", "--synthetic-size", "4", "2", "-b", "2",
@@ -22,13 +22,6 @@ def offline(monkeypatch):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: ")
-    return err[0]
 
 
 def test_help_explains_every_flag():
@@ -55,7 +48,7 @@ def test_argparse_rejects_bad_flags(capsys, argv, message):
 
 def test_missing_cifar_offline_says_where_to_put_it(capsys, tmp_path):
     code = main(["-a", "resnet18_cbn", "-ds", "cifar100", "--data-dir", str(tmp_path)])
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert code == 2
     assert f"cifar100 is not in {tmp_path}" in line and "cifar-100-python.tar.gz" in line
     assert "-ds folder" in line and "-ds synthetic" in line  # what works offline
@@ -65,7 +58,7 @@ def test_missing_cifar_offline_says_where_to_put_it(capsys, tmp_path):
 
 def test_missing_image_folder(capsys, tmp_path):
     assert main(["-a", "resnet18_cbn", "-ds", "folder", "--data-dir", str(tmp_path)]) == 2
-    assert f"{tmp_path / 'test'}/<class>/<image>" in _error_line(capsys)
+    assert f"{tmp_path / 'test'}/<class>/<image>" in error_line(capsys)
 
 
 def _checkpoint(path: Path, arch: str) -> Path:
@@ -83,7 +76,7 @@ def _checkpoint(path: Path, arch: str) -> Path:
 def test_bad_checkpoints(capsys, tmp_path, make, message, evaluate):
     argv = QUICK + ["--out-dir", str(tmp_path), "--resume", str(make(tmp_path))]
     assert main(argv + ["--evaluate"] * evaluate) == 2
-    assert message in _error_line(capsys)
+    assert message in error_line(capsys)
     assert not (tmp_path / "squeezenet_cbn").exists()
 
 
@@ -92,13 +85,13 @@ def test_refuses_to_overwrite_a_run(capsys, tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / "last.pt").write_bytes(b"")
     assert main(QUICK + ["--out-dir", str(tmp_path), "--run-name", "mine"]) == 2
-    assert "already holds a run" in _error_line(capsys)
+    assert "already holds a run" in error_line(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_gpu_without_cuda(capsys, tmp_path):
     assert main(QUICK[:-3] + ["--gpu", "0", "--out-dir", str(tmp_path)]) == 2
-    assert "CUDA is not available" in _error_line(capsys)
+    assert "CUDA is not available" in error_line(capsys)
 
 
 @pytest.mark.parametrize("cwd, script", [(REPO, "Cifar/main.py"), (REPO / "Cifar", "main.py")])

@@ -21,7 +21,7 @@ from Cifar.utils import get_args_parser as cifar_parser
 from experiments import summarize
 from ImageNet.main import main as imagenet_main
 from ImageNet.utils import get_args_parser as imagenet_parser
-from tests.helpers import REPO, stderr_lines
+from tests.helpers import REPO, error_line
 from tests.recipes import STABLE_LR, TINY, TINY_STEPS
 from training.distributed import Runtime, SyncedBatchNorm1d
 from training.runner import check_last_bn_batch
@@ -31,14 +31,6 @@ from training.trainer import Trainer
 IMAGENET = ["-a", "resnet18_cbn", "--weight", "mean", "--width", "0.25", "-ds", "synthetic",
             "--synthetic-size", "8", "4", "--image-size", "32", "-b", "4", "--epochs", "1",
             "--max-steps", "1", "-j", "0", "--gpu", "-1", "--no-progress"]
-
-
-def _error_line(capsys, *expected: str) -> str:
-    (line,) = stderr_lines(capsys)
-    assert line.startswith("error: ")
-    for text in expected:
-        assert text in line
-    return line
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -69,7 +61,7 @@ def test_a_run_name_that_is_not_one_folder_name_writes_nothing(tmp_path, capsys,
     cifar = [*TINY, "-j", "0", "--epochs", "1"]
     for main, argv in ((cifar_main, cifar), (imagenet_main, IMAGENET)):
         assert main([*argv, "--out-dir", str(out), "--run-name", name]) == 2
-        _error_line(capsys, f"--run-name {name!r} is not a folder name",
+        error_line(capsys, f"--run-name {name!r} is not a folder name",
                     "the run goes to OUT_DIR/ARCH/RUN_NAME")
     assert list(tmp_path.rglob("*")) == []
 
@@ -133,7 +125,7 @@ def test_a_body_batchnorm_on_one_value_is_one_line(tmp_path, capsys):
     argv = [*IMAGENET, "-a", "resnet18", "--weight", "none", "-b", "1", "--out-dir",
             str(tmp_path)]
     assert imagenet_main(argv) == 2
-    _error_line(capsys, "a BatchNorm layer of resnet18 got a single value per channel",
+    error_line(capsys, "a BatchNorm layer of resnet18 got a single value per channel",
                 "-b 1", "use a larger -b or --image-size")
     assert not list(tmp_path.rglob("*.pt"))
 
@@ -176,7 +168,7 @@ def test_an_unreadable_resume_path_is_one_line(tmp_path, capsys, monkeypatch, ma
     path = make(tmp_path, monkeypatch)
     argv = [*TINY, "-j", "0", "--out-dir", str(tmp_path / "out"), "--resume", str(path)]
     assert cifar_main(argv + ["--evaluate"] * evaluate) == 2
-    _error_line(capsys, message.format(p=path))
+    error_line(capsys, message.format(p=path))
     assert not (tmp_path / "out").exists()
 
 
@@ -230,7 +222,7 @@ def test_another_batch_size_mid_epoch_is_refused(tiny_run, tmp_path, capsys):
     before = _files(run_dir)
     argv = [*TINY, "-j", "0", "--max-steps", "3", "-b", "2", "--resume", str(run_dir / "l.pt")]
     assert cifar_main(argv) == 2
-    _error_line(capsys, "stops mid-epoch at step 1 of 3 with -b 4; this run has -b 2: resume it "
+    error_line(capsys, "stops mid-epoch at step 1 of 3 with -b 4; this run has -b 2: resume it "
                         "with -b 4")
     assert _files(run_dir) == before
 
@@ -265,7 +257,7 @@ def test_another_method_or_seed_on_resume_is_refused(tiny_run, tmp_path, capsys,
     before = _files(run_dir)
     assert cifar_main([*TINY, "-j", "0", "--epochs", "2", flag, new, "--resume",
                        str(run_dir)]) == 2
-    _error_line(capsys, f"{run_dir / 'last.pt'} was trained with {flag} {old}, this run asks for "
+    error_line(capsys, f"{run_dir / 'last.pt'} was trained with {flag} {old}, this run asks for "
                         f"{flag} {new}", f"resume with {flag} {old}, or start a new run")
     assert _files(run_dir) == before
 
@@ -296,7 +288,7 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tiny_run, tmp_path, 
         m.setattr("models.create_model", no_memory_to_build)
         assert cifar_main([*TINY, "-j", "0", "--width", "1000", "--out-dir",
                            str(tmp_path / "new")]) == 1
-    _error_line(capsys, "out of CPU memory: an allocation of 3725.3 GiB failed; lower -b (it is "
+    error_line(capsys, "out of CPU memory: an allocation of 3725.3 GiB failed; lower -b (it is "
                         "4) or --width (it is 1000); checkpoints already on disk are intact")
 
     run_dir = _copy_run(tiny_run, tmp_path)
@@ -306,7 +298,7 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tiny_run, tmp_path, 
         raise torch.OutOfMemoryError(CUDA_OOM)
     monkeypatch.setattr(torch.optim.SGD, "step", no_memory_to_step)
     assert cifar_main([*TINY, "-j", "0", "--epochs", "2", "--resume", str(run_dir)]) == 1
-    _error_line(capsys, "out of GPU memory: an allocation of 20.00 GiB failed")
+    error_line(capsys, "out of GPU memory: an allocation of 20.00 GiB failed")
     assert {k: v for k, v in _files(run_dir).items() if k != "args.json"} == {
         k: v for k, v in before.items() if k != "args.json"}
 
@@ -328,7 +320,7 @@ def test_a_non_finite_test_loss_is_a_divergence(tmp_path, capsys):
             "0", "--no-progress", "--gpu", "-1", "--momentum", "1e9", "--out-dir", str(tmp_path),
             "--run-name", "r"]
     assert cifar_main(argv) == 3
-    _error_line(capsys, "training diverged: non-finite test loss (nan) after epoch 1",
+    error_line(capsys, "training diverged: non-finite test loss (nan) after epoch 1",
                 "no epoch had been evaluated", "--momentum (it is 1e+09; below 1 converges)")
     run_dir = tmp_path / "resnet18_cbn" / "r"
     assert not (run_dir / "best.pt").exists()
@@ -342,7 +334,7 @@ def test_an_older_checkpoint_is_not_resumed_over_a_newer_last(tiny_run, tmp_path
     before = _files(run_dir)
     best = run_dir / "best.pt"
     assert cifar_main([*TINY, "-j", "0", "--epochs", "3", "--resume", str(best)]) == 2
-    _error_line(capsys, f"{run_dir / 'last.pt'} (2 epochs done) is newer than {best} (1 epochs "
+    error_line(capsys, f"{run_dir / 'last.pt'} (2 epochs done) is newer than {best} (1 epochs "
                         "done): resuming it here would overwrite last.pt",
                 "with a new --run-name")
     assert _files(run_dir) == before

@@ -19,7 +19,7 @@ from ImageNet import folder2lmdb
 from ImageNet.data_loader import IMAGENET_MEAN, IMAGENET_STD, LMDBImageFolder, val_transform
 from ImageNet.main import ImageNetData, main as imagenet_main
 from ImageNet.utils import get_args_parser as imagenet_parser
-from tests.helpers import stderr_lines
+from tests.helpers import error_line, stderr_lines
 from tests.recipes import TINY
 from training.image_tree import list_image_tree
 
@@ -42,12 +42,6 @@ def _plain_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class
         for i in range(per_class):
             _image(root / name / f"{i}.png", 60 * k + 10 * i)
     return root
-
-
-def _one_error_line(capsys) -> str:
-    (line,) = stderr_lines(capsys)
-    assert line.startswith("error: ")
-    return line
 
 
 # --- serious 1: links in an image tree ---------------------------------------------------------
@@ -237,7 +231,7 @@ def test_single_class_data_is_refused(tmp_path, capsys, entry):
         main, dataset, split = imagenet_main, "lmdb", "val"
     capsys.readouterr()
     assert main([*argv, "--data-dir", str(data), "--out-dir", str(tmp_path / "runs")]) == 2
-    assert _one_error_line(capsys) == (f"error: -ds {dataset}: the {split} "
+    assert error_line(capsys) == (f"error: -ds {dataset}: the {split} "
                                        "split has a single class (cat); a classifier needs at "
                                        "least 2")
     assert not (tmp_path / "runs").exists()
@@ -251,7 +245,7 @@ def test_device_loader_names_the_image_of_another_size(tmp_path, capsys):
     argv = [*TINY, "-ds", "folder", "--data-dir", str(data), "--loader", "device", "-j", "0",
             "--out-dir", str(tmp_path / "runs")]
     assert cifar_main(argv) == 2
-    assert _one_error_line(capsys) == (f"error: --loader device needs 32x32 images, {odd} is "
+    assert error_line(capsys) == (f"error: --loader device needs 32x32 images, {odd} is "
                                        "64x48; use --loader pil")
 
 
@@ -262,7 +256,7 @@ def test_a_corrupt_cifar_archive_is_named_and_kept(tmp_path, capsys, loader):
     argv = [*TINY, "-ds", "cifar10", "--data-dir", str(tmp_path), "--loader", loader, "-j", "0",
             "--out-dir", str(tmp_path / "runs")]
     assert cifar_main(argv) == 2
-    assert _one_error_line(capsys) == (f"error: {archive} is corrupt or incomplete (its MD5 "
+    assert error_line(capsys) == (f"error: {archive} is corrupt or incomplete (its MD5 "
                                        "checksum is not that of the cifar10 archive): copy it "
                                        "again, or delete it to download it")
     assert archive.read_bytes() == b"\x1f\x8b not really a tarball"
@@ -272,7 +266,7 @@ def test_a_corrupt_cifar_archive_is_named_and_kept(tmp_path, capsys, loader):
 def test_val_resize_below_the_crop_is_refused(tmp_path, capsys):
     flags = [*IMAGENET, "-ds", "synthetic", "--val-resize", "16", "--out-dir", str(tmp_path)]
     assert imagenet_main(flags) == 2
-    assert _one_error_line(capsys) == (
+    assert error_line(capsys) == (
         "error: --val-resize 16 is smaller than --image-size 32: the centre crop would pad the "
         "validation images with black; give --val-resize 32 or more (default 37)")
     assert list(tmp_path.iterdir()) == []

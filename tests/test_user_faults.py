@@ -26,7 +26,7 @@ from ImageNet.data_loader import decode_image
 from ImageNet.main import main as imagenet_main
 from ImageNet.utils import get_args_parser as imagenet_parser
 from tests.helpers import (REPO, assert_same_training_state, log_without_timings,
-                           make_image_folder, make_lmdb_data_dir, stderr_lines)
+                           error_line, make_image_folder, make_lmdb_data_dir, stderr_lines)
 from tests.recipes import TINY
 from training.checkpoint import load_checkpoint
 from training.cli import available_cpus
@@ -35,14 +35,6 @@ from training.rundir import RunDirLock
 IMAGENET = ["-a", "resnet18_cbn", "--weight", "mean", "--image-size", "32", "--val-resize", "36",
             "-b", "4", "--gpu", "-1", "--no-progress", "--epochs", "1"]
 PAGE = 4096
-
-
-def _one_error_line(capsys, *expected: str) -> str:
-    (line,) = stderr_lines(capsys)
-    assert line.startswith("error: ")
-    for text in expected:
-        assert text in line
-    return line
 
 
 def _run_script(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -211,7 +203,7 @@ def test_a_second_run_on_a_folder_in_use_touches_nothing(tmp_path, capsys):
     try:
         assert holder.stdout.readline() == "locked\n"
         assert cifar_main(argv) == 2
-        _one_error_line(capsys, f"{run_dir} is in use by process {holder.pid} on ")
+        error_line(capsys, f"{run_dir} is in use by process {holder.pid} on ")
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
     finally:
         holder.kill()  # SIGKILL: the OS releases the lock, nothing stale is left
@@ -227,7 +219,7 @@ def test_a_second_resume_of_a_running_folder_is_refused(tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     with RunDirLock(run_dir):
         assert cifar_main([*TINY, "-j", "0", "--epochs", "2", "--resume", str(run_dir)]) == 2
-    _one_error_line(capsys, f"{run_dir} is in use by process {os.getpid()}")
+    error_line(capsys, f"{run_dir} is in use by process {os.getpid()}")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
@@ -248,7 +240,7 @@ def test_cifar_folder_splits_with_other_classes(tmp_path, capsys, loader):
     argv = [*TINY, "-ds", "folder", "--data-dir", str(tmp_path / "data"), "-j", "0",
             "--loader", loader, "--out-dir", str(tmp_path / "runs")]
     assert cifar_main(argv) == 2
-    _one_error_line(capsys, "-ds folder: the train and test splits have different classes (2 "
+    error_line(capsys, "-ds folder: the train and test splits have different classes (2 "
                             "classes in train, 2 in test; only train has 1: dog; only test has "
                             "1: bird)")
     assert not (tmp_path / "runs").exists()
@@ -268,7 +260,7 @@ def test_imagenet_splits_with_other_classes(tmp_path, capsys, data_format):
     argv = [*IMAGENET, "-ds", data_format, "--data-dir", str(data), "-j", "0", "--out-dir",
             str(tmp_path / "runs")]
     assert imagenet_main(argv) == 2
-    _one_error_line(capsys, f"-ds {data_format}: the train and val splits have different classes "
+    error_line(capsys, f"-ds {data_format}: the train and val splits have different classes "
                             "(3 classes in train, 2 in val; only train has 1: cat)")
 
 
@@ -307,7 +299,7 @@ def test_a_checkpoint_of_other_classes_is_refused(tmp_path, capsys, evaluate):
     argv = _folder_argv(tmp_path / "b", ("cat", "fox"), "--resume", str(checkpoint), *flags)
     capsys.readouterr()
     assert cifar_main(argv) == 2
-    _one_error_line(capsys, f"checkpoint {checkpoint} was trained on other classes: 2 classes in "
+    error_line(capsys, f"checkpoint {checkpoint} was trained on other classes: 2 classes in "
                             "the checkpoint, 2 in this run's data; only the checkpoint has 1: "
                             "dog; only this run's data has 1: fox")
     assert checkpoint.read_bytes() == before
@@ -390,7 +382,7 @@ def test_a_decompression_bomb_is_one_line(tmp_path, capsys):
     bomb = tmp_path / "data" / "train" / "dog" / "2.png"
     bomb.write_bytes(_bomb_png())
     assert cifar_main(argv) == 2
-    _one_error_line(capsys, f"cannot read {bomb}: Image size (400000000 pixels) exceeds limit")
+    error_line(capsys, f"cannot read {bomb}: Image size (400000000 pixels) exceeds limit")
     with pytest.raises(training.DataError, match="record 3: not a decodable image"):
         decode_image(_bomb_png(), "train.lmdb record 3")
 
@@ -448,7 +440,7 @@ def test_epochs_not_above_the_checkpoint(tiny_checkpoint, tmp_path, capsys):
     torch.save({**torch.load(run_dir / "last.pt", weights_only=True), "epoch": 3},
                run_dir / "last.pt")
     assert cifar_main([*base, "--epochs", "2"]) == 2
-    _one_error_line(capsys, "has 3 epochs done, more than --epochs 2")
+    error_line(capsys, "has 3 epochs done, more than --epochs 2")
 
 
 def test_short_mimicnorm_runs_explain_their_test_loss(tmp_path, capsys):
@@ -466,5 +458,5 @@ def test_a_file_system_without_flock_is_one_line(tmp_path, capsys, monkeypatch):
         raise OSError(95, "Operation not supported")
     monkeypatch.setattr("training.rundir.fcntl.flock", no_flock)
     assert cifar_main([*TINY, "-j", "0", "--epochs", "1", "--out-dir", str(tmp_path)]) == 2
-    _one_error_line(capsys, "cannot lock the run folder", "Operation not supported",
+    error_line(capsys, "cannot lock the run folder", "Operation not supported",
                     "use an --out-dir on a file system with flock")
