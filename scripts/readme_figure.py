@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as `python scripts/readme_figure.py`: import from the repo
+    sys.path.insert(0, str(REPO))
+
+from experiments.summarize import parse_setting  # noqa: E402
+
 # (summary, its data, what its numbers measure), the first that exists wins
 ACCURACY_SOURCES = (
     ("results/table1_converged/summary.csv", "CIFAR-10, 1,000 train images/class",
@@ -59,7 +64,7 @@ def accuracy_source(repo: Path = REPO) -> tuple[str, str, str]:
 
 def setting_title(setting: str, data: str, meaning: str) -> str:
     """'CIFAR-10 ..., width 0.25, 8 epochs: early training, ...' from a summarizer setting."""
-    values = dict(re.findall(r"(\w+)=(\"[^\"]*\"|\[[^\]]*\]|[^,]+)", setting))
+    values = parse_setting(setting)
     return f"{data}, width {values['width']}, {values['epochs']} epochs: {meaning}"
 
 
