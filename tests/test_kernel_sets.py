@@ -12,6 +12,7 @@ kernel set; the fast exact-resume tests (mid-epoch, fp16, a fault during evaluat
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL_SETS = ("default", "avx2", "avx512")
 
 
+@functools.cache
 def _native_capability() -> str:
     """The best kernel set this CPU runs: what torch picks with ATEN_CPU_CAPABILITY unset.
 
