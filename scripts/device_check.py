@@ -2,7 +2,7 @@
 
 Prepare here (network needed; docs/gpu.md), then run on the GPU machine from a fresh copy:
 
-    python scripts/device_check.py --prepare --cifar-tar ../shared/data/cifar10-jpeg.tar.gz
+    python scripts/device_check.py --prepare --cifar-tar data/cifar10-jpeg.tar.gz
     python3 scripts/device_check.py --out results/gpu               # on the GPU machine
     python scripts/device_check.py --tiny --out /tmp/check          # CPU, generated data (tests)
 
