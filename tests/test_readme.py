@@ -253,6 +253,16 @@ def test_quoted_table1_is_the_committed_summary():
         assert len(rows) == 8 and set(rows) <= committed, page
 
 
+def test_quoted_table2_is_the_committed_table():
+    """The learning-rate rows quoted on the pages are those lr_robustness wrote to table.md."""
+    committed = set((REPO / "results/table2/table.md").read_text().splitlines())
+    for page in (REPO / "docs/reproduction.md", REPO / "results/table2/README.md"):
+        text = page.read_text()
+        start = text.index("| lr | None | None (paper) |")
+        rows = text[start:].split("\n\n", 1)[0].splitlines()
+        assert len(rows) == 8 and set(rows) <= committed, page
+
+
 def test_readme_is_short_and_opens_with_the_result_and_the_map():
     lines = TEXT["README.md"].splitlines()
     assert len(lines) <= 200
