@@ -243,22 +243,16 @@ def test_ci_runs_the_readmes_test_command():
     assert command.group(1) in ci_lines
 
 
-def test_quoted_table1_is_the_committed_summary():
-    """The Table 1 rows quoted on the pages are those the summarizer wrote to table.md."""
-    committed = set((REPO / "results/table1/table.md").read_text().splitlines())
-    for page in (REPO / "docs/reproduction.md", REPO / "results/table1/README.md"):
+@pytest.mark.parametrize("folder, header", [
+    ("table1", "| arch | BN | MimicNorm | NoNorm |"),  # the summarizer's paper table
+    ("table2", "| lr | None | None (paper) |"),  # lr_robustness's learning-rate table
+])
+def test_quoted_table_is_the_committed_one(folder, header):
+    """The table rows quoted on the pages are those the study wrote to its table.md."""
+    committed = set((REPO / "results" / folder / "table.md").read_text().splitlines())
+    for page in (REPO / "docs/reproduction.md", REPO / "results" / folder / "README.md"):
         text = page.read_text()
-        start = text.index("| arch | BN | MimicNorm | NoNorm |")
-        rows = text[start:].split("\n\n", 1)[0].splitlines()
-        assert len(rows) == 8 and set(rows) <= committed, page
-
-
-def test_quoted_table2_is_the_committed_table():
-    """The learning-rate rows quoted on the pages are those lr_robustness wrote to table.md."""
-    committed = set((REPO / "results/table2/table.md").read_text().splitlines())
-    for page in (REPO / "docs/reproduction.md", REPO / "results/table2/README.md"):
-        text = page.read_text()
-        start = text.index("| lr | None | None (paper) |")
+        start = text.index(header)
         rows = text[start:].split("\n\n", 1)[0].splitlines()
         assert len(rows) == 8 and set(rows) <= committed, page
 
