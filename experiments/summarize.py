@@ -228,19 +228,22 @@ def averaged(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_scores(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per averaged run: last-epoch and best test top-1, largest peak memory, mean images/s."""
+    """Per averaged run: last-epoch and best test top-1, last-epoch train top-1, largest peak
+    memory, mean images/s."""
     done = averaged(runs).sort_values(["run", "epoch"])
     return done.groupby(["setting", "arch", "variant", "run"], as_index=False).agg(
-        last=("test_acc1", _last), best=("test_acc1", "max"),
+        last=("test_acc1", _last), best=("test_acc1", "max"), train_last=("train_acc1", _last),
         peak_memory_mb=("peak_memory_mb", "max"), images_per_second=("images_per_second", "mean"))
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per setting, arch and variant: n averaged runs, last-epoch and best test top-1 mean and
-    sample std (ddof=1, NaN for n=1), mean of the runs' peak memory and of their images/s."""
+    """Per setting, arch and variant: n averaged runs, last-epoch and best test top-1 and
+    last-epoch train top-1 mean and sample std (ddof=1, NaN for n=1), mean of the runs' peak
+    memory and of their images/s."""
     summary = run_scores(runs).groupby(["setting", "arch", "variant"], as_index=False).agg(
         n=("run", "size"), last_mean=("last", "mean"), last_std=("last", "std"),
         best_mean=("best", "mean"), best_std=("best", "std"),
+        train_last_mean=("train_last", "mean"), train_last_std=("train_last", "std"),
         peak_memory_mb=("peak_memory_mb", "mean"),
         images_per_second=("images_per_second", "mean"))
     rank = summary["variant"].map(VARIANT_ORDER.index)

@@ -29,6 +29,7 @@ CURVES = {
 }
 MEMORY = {"none": [100, 110, 120], "mean": [80, 85, 90]}  # run peaks 120 and 90: ratio 0.75
 SPEED = {"none": 1000, "mean": 1100}  # images/s ratio 1.1
+TRAIN_OVER_TEST = 5  # train top-1 of every epoch: its test top-1 + 5
 
 
 def write_run(root: Path, arch: str, weight: str, seed: int, accs: list[float],
@@ -39,7 +40,7 @@ def write_run(root: Path, arch: str, weight: str, seed: int, accs: list[float],
     args = {**RECIPE, "arch": arch, "weight": weight, "seed": seed, **flags}
     (folder / "args.json").write_text(json.dumps(args, indent=2))
     memory = MEMORY[weight] + [MEMORY[weight][-1]] * len(accs)
-    rows = [f"{e},0.1,1.5,50,1.2,{acc},90,2.5,{SPEED[weight]},{memory[e - 1]}"
+    rows = [f"{e},0.1,1.5,{acc + TRAIN_OVER_TEST},1.2,{acc},90,2.5,{SPEED[weight]},{memory[e - 1]}"
             for e, acc in enumerate(accs, 1)]
     (folder / "log.csv").write_text("\n".join([HEADER, *rows]) + "\n")
     (folder / "last.pt").write_bytes(b"not read")
@@ -70,6 +71,8 @@ def test_summary_means_stds_and_counts(runs_dir: Path) -> None:
     bn, mimic = summary.loc[("resnet18", "BN")], summary.loc[("resnet18", "MimicNorm")]
     assert bn["n"] == 3 and bn["best_mean"] == 32 and bn["best_std"] == pytest.approx(2)
     assert bn["last_mean"] == 31 and bn["last_std"] == pytest.approx(math.sqrt(3))
+    # the last epoch's train top-1 (36), not the best epoch's (37)
+    assert bn["train_last_mean"] == 36 and bn["train_last_std"] == pytest.approx(math.sqrt(3))
     assert mimic["best_mean"] == 37 and mimic["best_std"] == pytest.approx(1)
     assert summary.loc[("vgg11", "MimicNorm"), "best_std"] == pytest.approx(2)
     assert bn["peak_memory_mb"] == 120 and mimic["peak_memory_mb"] == 90
@@ -137,7 +140,7 @@ def test_summary_csv_has_one_row_per_arch_and_variant(runs_dir: Path, tmp_path, 
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == [
         "setting", "arch", "variant", "n", "last_mean", "last_std", "best_mean", "best_std",
-        "peak_memory_mb", "images_per_second"]
+        "train_last_mean", "train_last_std", "peak_memory_mb", "images_per_second"]
     assert len(summary) == 5 and summary["n"].tolist() == [3, 3, 1, 3, 3]
     assert not (runs_dir / "summary.csv").exists()
 
