@@ -257,6 +257,29 @@ def test_quoted_table_is_the_committed_one(folder, header):
         assert len(rows) == 8 and set(rows) <= committed, page
 
 
+def test_running_study_rows_are_what_its_committed_cells_give():
+    """docs/reproduction.md's rows of the running 60-epoch study are the summarizer's cells over
+    the committed run folders, and its train column their last-epoch train top-1."""
+    from experiments import summarize
+
+    runs, problems = summarize.load_runs(REPO / "results/table1_converged/runs")
+    assert problems == []
+    summary = summarize.summarize(runs)
+    table = summarize.arch_table(summary, with_paper=False).set_index("arch")
+    train = summary.set_index(["arch", "variant"])["train_last_mean"]
+    text = TEXT["docs/reproduction.md"]
+    start = text.index("| arch | BN | MimicNorm | MimicNorm − BN last | MimicNorm − BN best | train")
+    rows = text[start:].split("\n\n", 1)[0].splitlines()[2:]
+    assert len(rows) == 5
+    for row in rows:
+        arch, bn, mimic, last, best, train_cell = [c.strip() for c in row.strip("|").split("|")]
+        expected = table.loc[arch]
+        assert [bn, mimic, last, best] == [expected["BN"], expected["MimicNorm"],
+                                           expected["MimicNorm − BN last"],
+                                           expected["MimicNorm − BN best"]], arch
+        assert train_cell == f"{train[arch, 'BN']:.1f} / {train[arch, 'MimicNorm']:.1f}", arch
+
+
 def test_readme_is_short_and_opens_with_the_result_and_the_map():
     lines = TEXT["README.md"].splitlines()
     assert len(lines) <= 200
