@@ -14,6 +14,7 @@ import pytest
 from torch.distributed.run import get_args_parser as torchrun_parser
 
 from Cifar.utils import get_args_parser as cifar_parser
+from experiments import summarize
 from ImageNet.folder2lmdb import get_args_parser as folder2lmdb_parser
 from ImageNet.utils import get_args_parser as imagenet_parser
 from tests.helpers import CLASSES, PER_CLASS, REPO, make_image_folder
@@ -243,6 +244,11 @@ def test_ci_runs_the_readmes_test_command():
     assert command.group(1) in ci_lines
 
 
+def _quoted_table(text: str, header: str) -> list[str]:
+    """The lines of the markdown table in `text` that starts with `header`, header included."""
+    return text[text.index(header):].split("\n\n", 1)[0].splitlines()
+
+
 @pytest.mark.parametrize("folder, header", [
     ("table1", "| arch | BN | MimicNorm | NoNorm |"),  # the summarizer's paper table
     ("table2", "| lr | None | None (paper) |"),  # lr_robustness's learning-rate table
@@ -251,25 +257,20 @@ def test_quoted_table_is_the_committed_one(folder, header):
     """The table rows quoted on the pages are those the study wrote to its table.md."""
     committed = set((REPO / "results" / folder / "table.md").read_text().splitlines())
     for page in (REPO / "docs/reproduction.md", REPO / "results" / folder / "README.md"):
-        text = page.read_text()
-        start = text.index(header)
-        rows = text[start:].split("\n\n", 1)[0].splitlines()
+        rows = _quoted_table(page.read_text(), header)
         assert len(rows) == 8 and set(rows) <= committed, page
 
 
 def test_running_study_rows_are_what_its_committed_cells_give():
     """docs/reproduction.md's rows of the running 60-epoch study are the summarizer's cells over
     the committed run folders, and its train column their last-epoch train top-1."""
-    from experiments import summarize
-
     runs, problems = summarize.load_runs(REPO / "results/table1_converged/runs")
     assert problems == []
     summary = summarize.summarize(runs)
     table = summarize.arch_table(summary, with_paper=False).set_index("arch")
     train = summary.set_index(["arch", "variant"])["train_last_mean"]
-    text = TEXT["docs/reproduction.md"]
-    start = text.index("| arch | BN | MimicNorm | MimicNorm − BN last | MimicNorm − BN best | train")
-    rows = text[start:].split("\n\n", 1)[0].splitlines()[2:]
+    header = "| arch | BN | MimicNorm | MimicNorm − BN last | MimicNorm − BN best | train"
+    rows = _quoted_table(TEXT["docs/reproduction.md"], header)[2:]
     assert len(rows) == 5
     for row in rows:
         arch, bn, mimic, last, best, train_cell = [c.strip() for c in row.strip("|").split("|")]
