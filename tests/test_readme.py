@@ -292,6 +292,21 @@ def test_running_study_rows_are_what_its_committed_cells_give():
             assert train_cell == f"{train[arch, 'BN']:.1f} / {train[arch, 'MimicNorm']:.1f}", arch
 
 
+def test_running_study_single_seed_is_its_committed_last_epoch():
+    """The one-seed figures quoted for a network still training are the last rows of that seed's
+    committed log.csv files (test top-1, then train top-1)."""
+    quoted = re.search(r"(\w+)'s seed (\d) ends at last-epoch test top-1 BN ([\d.]+), MimicNorm "
+                       r"([\d.]+) \(train top-1 ([\d.]+) /\s+([\d.]+)\)", TEXT["docs/reproduction.md"])
+    assert quoted is not None
+    arch, seed, bn, mimic, bn_train, mimic_train = quoted.groups()
+    runs = REPO / "results/table1_converged/runs"
+    for folder, test_acc, train_acc in ((f"{arch}/bn-s{seed}", bn, bn_train),
+                                        (f"{arch}_cbn/mimicnorm-s{seed}", mimic, mimic_train)):
+        last = summarize.read_log(runs / folder / "log.csv").iloc[-1]
+        assert last["epoch"] == 60 and test_acc == f"{last['test_acc1']:.2f}", folder
+        assert train_acc == f"{last['train_acc1']:.1f}", folder
+
+
 def test_readme_is_short_and_opens_with_the_result_and_the_map():
     lines = TEXT["README.md"].splitlines()
     assert len(lines) <= 200
