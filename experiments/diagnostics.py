@@ -149,11 +149,12 @@ def last_bn_dynamics(arch: str, lrs: list[float], batches: Callable[[int], Itera
                 loss.backward()
                 optimizer.step()
                 step += 1
+                loss_value = loss.item()
                 rows.append({"lr_peak": peak, "step": step, "epoch": epoch + 1, "lr": lr,
-                             "loss": float(loss), "running_var": float(bn.running_var.mean()),
+                             "loss": loss_value, "running_var": float(bn.running_var.mean()),
                              "running_mean_abs": float(bn.running_mean.abs().mean()),
                              "logits_std": logits_std[-1]})
-                if step == steps or not math.isfinite(float(loss)):
+                if step == steps or not math.isfinite(loss_value):
                     break
             if rows and not math.isfinite(rows[-1]["loss"]):
                 break
