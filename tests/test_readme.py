@@ -261,6 +261,14 @@ def test_quoted_table_is_the_committed_one(folder, header):
         assert len(rows) == 8 and set(rows) <= committed, page
 
 
+@pytest.fixture(scope="module")
+def converged_runs():
+    """Every committed run of the 60-epoch study, one row per run and epoch."""
+    runs, problems = summarize.load_runs(REPO / "results/table1_converged/runs")
+    assert problems == []
+    return runs
+
+
 def _complete_groups(runs, seeds: int):
     """The rows of the (arch, variant) groups of which `seeds` seeds have ended (finished or
     diverged): those a later cell cannot change."""
@@ -270,13 +278,11 @@ def _complete_groups(runs, seeds: int):
     return runs[runs.set_index(["arch", "variant"]).index.isin(complete)]
 
 
-def test_running_study_rows_are_what_its_committed_cells_give():
+def test_running_study_rows_are_what_its_committed_cells_give(converged_runs):
     """docs/reproduction.md's rows of the running 60-epoch study are the summarizer's cells over
     the variants whose three seeds are committed (a "-" is one still training), its train column
     their last-epoch train top-1: so a cell that lands later changes none of them."""
-    runs, problems = summarize.load_runs(REPO / "results/table1_converged/runs")
-    assert problems == []
-    summary = summarize.summarize(_complete_groups(runs, seeds=3))
+    summary = summarize.summarize(_complete_groups(converged_runs, seeds=3))
     table = summarize.arch_table(summary, with_paper=False).set_index("arch")
     train = summary.set_index(["arch", "variant"])["train_last_mean"]
     header = "| arch | BN | MimicNorm |"
@@ -292,19 +298,18 @@ def test_running_study_rows_are_what_its_committed_cells_give():
             assert train_cell == f"{train[arch, 'BN']:.1f} / {train[arch, 'MimicNorm']:.1f}", arch
 
 
-def test_running_study_single_seed_is_its_committed_last_epoch():
-    """The one-seed figures quoted for a network still training are the last rows of that seed's
-    committed log.csv files (test top-1, then train top-1)."""
+def test_running_study_single_seed_is_its_committed_last_epoch(converged_runs):
+    """The one-seed figures quoted for a network still training are the last epochs of that
+    seed's committed BN and MimicNorm runs (test top-1, then train top-1)."""
     quoted = re.search(r"(\w+)'s seed (\d) ends at last-epoch test top-1 BN ([\d.]+), MimicNorm "
                        r"([\d.]+) \(train top-1 ([\d.]+) /\s+([\d.]+)\)", TEXT["docs/reproduction.md"])
     assert quoted is not None
     arch, seed, bn, mimic, bn_train, mimic_train = quoted.groups()
-    runs = REPO / "results/table1_converged/runs"
-    for folder, test_acc, train_acc in ((f"{arch}/bn-s{seed}", bn, bn_train),
-                                        (f"{arch}_cbn/mimicnorm-s{seed}", mimic, mimic_train)):
-        last = summarize.read_log(runs / folder / "log.csv").iloc[-1]
-        assert last["epoch"] == 60 and test_acc == f"{last['test_acc1']:.2f}", folder
-        assert train_acc == f"{last['train_acc1']:.1f}", folder
+    runs = converged_runs.set_index(["arch", "variant", "seed"]).sort_values("epoch")
+    for variant, test_acc, train_acc in (("BN", bn, bn_train), ("MimicNorm", mimic, mimic_train)):
+        last = runs.loc[(arch, variant, int(seed))].iloc[-1]
+        assert last["epoch"] == 60 and test_acc == f"{last['test_acc1']:.2f}", variant
+        assert train_acc == f"{last['train_acc1']:.1f}", variant
 
 
 def test_readme_is_short_and_opens_with_the_result_and_the_map():
