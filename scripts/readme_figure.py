@@ -3,9 +3,10 @@ and the CIFAR training-memory ratio.
 
     python scripts/readme_figure.py                  # writes results/figure.png
 
-Accuracy comes from `results/table1_converged/summary.csv` when that study has been summarised,
-else from `results/table1/summary.csv` (8 epochs: early training, not convergence, and the
-figure says so); memory from `results/memory/memory_cifar.csv`.
+Accuracy is the summarizer's last-epoch test top-1 over the runs in
+`results/table1_converged/runs.parquet` once that study has been summarised, else in
+`results/table1/runs.parquet` (8 epochs: early training, not convergence, and the figure says
+so); memory from `results/memory/memory_cifar.csv`.
 """
 from __future__ import annotations
 
@@ -15,17 +16,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as `python scripts/readme_figure.py`: import from the repo
     sys.path.insert(0, str(REPO))
 
-from experiments.summarize import parse_setting  # noqa: E402
+from experiments.summarize import parse_setting, summarize  # noqa: E402
 
-# (summary, its data, what its numbers measure), the first that exists wins
+# (a summarizer's runs.parquet, its data, what its numbers measure), the first that exists wins
 ACCURACY_SOURCES = (
-    ("results/table1_converged/summary.csv", "CIFAR-10, 1,000 train images/class",
-     "the converged study"),
-    ("results/table1/summary.csv", "CIFAR-10, 500 train images/class",
+    ("results/table1_converged/runs.parquet", "CIFAR-10, 1,000 train images/class",
+     "last epoch of the schedule"),
+    ("results/table1/runs.parquet", "CIFAR-10, 500 train images/class",
      "early training, not convergence"),
 )
 MEMORY_SOURCE = "results/memory/memory_cifar.csv"
@@ -34,7 +37,7 @@ VARIANTS = ("BN", "MimicNorm")
 
 @dataclass(frozen=True)
 class Accuracy:
-    """Final test top-1 (%) of one network's variant, mean and std over `n` seeds."""
+    """Last-epoch test top-1 (%) of one network's variant, mean and std over `n` seeds."""
 
     arch: str
     variant: str
@@ -69,14 +72,14 @@ def setting_title(setting: str, data: str, meaning: str) -> str:
 
 
 def read_accuracy(path: Path) -> tuple[str, list[Accuracy]]:
-    """The setting and the BN / MimicNorm rows of a summarizer `summary.csv` (one setting)."""
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    """The setting and the BN / MimicNorm rows the summarizer computes from a `runs.parquet`
+    (one row per run and epoch, as `experiments.summarize` writes it) of one setting."""
+    rows = summarize(pd.read_parquet(path)).to_dict("records")
     settings = {row["setting"] for row in rows}
     if len(settings) != 1:
         raise ValueError(f"{path}: expected one setting, found {len(settings)}")
-    accuracy = [Accuracy(row["arch"], row["variant"], float(row["final_mean"]),
-                         float(row["final_std"]), int(row["n"]))
+    accuracy = [Accuracy(row["arch"], row["variant"], float(row["last_mean"]),
+                         float(row["last_std"]), int(row["n"]))
                 for row in rows if row["variant"] in VARIANTS]
     return settings.pop(), sorted(accuracy, key=lambda a: (a.arch, VARIANTS.index(a.variant)))
 
@@ -111,7 +114,7 @@ def plot(data: FigureData, out: Path) -> None:
                    yerr=[rows[a].std for a in archs if a in rows], capsize=3, color=colour)
     acc_ax.set_xticks(range(len(archs)), archs, fontsize=8)
     seeds = "/".join(str(n) for n in sorted({a.n for a in data.accuracy}))
-    acc_ax.set_ylabel(f"final test top-1 (%), mean ± std, {seeds} seeds", fontsize=9)
+    acc_ax.set_ylabel(f"last-epoch test top-1 (%), mean ± std, {seeds} seeds", fontsize=9)
     acc_ax.set_title(data.accuracy_title, fontsize=9)
     acc_ax.legend(fontsize=8)
     mem_archs = sorted(data.memory_ratio)
