@@ -250,7 +250,7 @@ def _quoted_table(text: str, header: str) -> list[str]:
 
 
 @pytest.mark.parametrize("folder, header", [
-    ("table1", "| arch | BN | MimicNorm | NoNorm | MimicNorm − BN best |"),  # the summarizer's table
+    ("table1", "| arch | BN | MimicNorm | NoNorm | MimicNorm − BN best |"),  # summarizer's table
     ("table2", "| lr | None | None (paper) |"),  # lr_robustness's learning-rate table
 ])
 def test_quoted_table_is_the_committed_one(folder, header):
@@ -300,18 +300,20 @@ def test_running_study_rows_are_what_its_committed_cells_give(converged_runs):
                 assert value == f"{train[arch, variant]:.1f}", (arch, variant)
 
 
-def test_running_study_single_seed_is_its_committed_last_epoch(converged_runs):
-    """The one-seed figures quoted for a network still training are the last epochs of that
-    seed's committed BN and MimicNorm runs (test top-1, then train top-1)."""
-    quoted = re.search(r"(\w+)'s seed (\d) ends at last-epoch test top-1 BN ([\d.]+), MimicNorm "
-                       r"([\d.]+) \(train top-1 ([\d.]+) /\s+([\d.]+)\)", TEXT["docs/reproduction.md"])
-    assert quoted is not None
-    arch, seed, bn, mimic, bn_train, mimic_train = quoted.groups()
+def test_running_study_seed_by_seed_rows_are_their_committed_last_epochs(converged_runs):
+    """The per-seed rows quoted for a network still training are the last epochs of that seed's
+    committed BN and MimicNorm runs: test top-1, their difference, then train top-1."""
+    lines = _quoted_table(TEXT["docs/reproduction.md"], "| resnet50 seed | BN | MimicNorm |")
+    arch = lines[0].strip("| ").split()[0]
     runs = converged_runs.set_index(["arch", "variant", "seed"]).sort_values("epoch")
-    for variant, test_acc, train_acc in (("BN", bn, bn_train), ("MimicNorm", mimic, mimic_train)):
-        last = runs.loc[(arch, variant, int(seed))].iloc[-1]
-        assert last["epoch"] == 60 and test_acc == f"{last['test_acc1']:.2f}", variant
-        assert train_acc == f"{last['train_acc1']:.1f}", variant
+    assert len(lines) >= 3
+    for line in lines[2:]:
+        seed, bn, mimic, difference, train = [c.strip() for c in line.strip("|").split("|")]
+        last_bn, last_mimic = (runs.loc[(arch, v, int(seed))].iloc[-1] for v in ("BN", "MimicNorm"))
+        assert last_bn["epoch"] == last_mimic["epoch"] == 60, seed
+        assert bn == f"{last_bn['test_acc1']:.2f}" and mimic == f"{last_mimic['test_acc1']:.2f}"
+        assert difference == f"{last_mimic['test_acc1'] - last_bn['test_acc1']:+.2f}", seed
+        assert train == f"{last_bn['train_acc1']:.1f} / {last_mimic['train_acc1']:.1f}", seed
 
 
 def test_readme_is_short_and_opens_with_the_result_and_the_map():
