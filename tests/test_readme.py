@@ -262,23 +262,30 @@ def test_quoted_table_is_the_committed_one(folder, header):
         assert len(rows) == 8 and set(rows) <= committed, page
 
 
-def test_converged_study_outputs_are_the_summarizers_over_its_committed_cells():
+CONVERGED = REPO / "results/table1_converged"
+
+
+@pytest.fixture(scope="module")
+def converged_runs():
+    """Every committed run of the 60-epoch study, one row per run and epoch."""
+    runs, problems = summarize.load_runs(CONVERGED / "runs")
+    assert problems == []
+    return runs
+
+
+def test_converged_study_outputs_are_the_summarizers_over_its_committed_cells(converged_runs):
     """results/table1_converged's runs.parquet and table.md are what `experiments.summarize`
     writes from the committed cells, so neither went stale when a cell was added."""
-    folder = REPO / "results/table1_converged"
-    runs, problems = summarize.load_runs(folder / "runs")
-    assert problems == []
-    pd.testing.assert_frame_equal(pd.read_parquet(folder / "runs.parquet"), runs)
-    expected = summarize.markdown_report(summarize.summarize(runs), runs)
-    assert (folder / "table.md").read_text() == expected
+    pd.testing.assert_frame_equal(pd.read_parquet(CONVERGED / "runs.parquet"), converged_runs)
+    expected = summarize.markdown_report(summarize.summarize(converged_runs), converged_runs)
+    assert (CONVERGED / "table.md").read_text() == expected
 
 
-def test_converged_table_rows_are_what_its_committed_cells_give():
+def test_converged_table_rows_are_what_its_committed_cells_give(converged_runs):
     """docs/reproduction.md's 60-epoch table is the summarizer's over the committed cells, every
     (arch, variant) with its three seeds ended, one row per network, and its train column
     ("train top-1 BN / MimicNorm / ...") their last-epoch train top-1."""
-    runs, problems = summarize.load_runs(REPO / "results/table1_converged/runs")
-    assert problems == []
+    runs = converged_runs
     ended = runs[runs["finished"] | runs["diverged"]].groupby(["arch", "variant"])["seed"]
     assert set(ended.nunique()) == {3}
     summary = summarize.summarize(runs)
